@@ -1,0 +1,366 @@
+"""One typed configuration for a TriPosT job.
+
+Every default of the system lives in this file and nowhere else: stages receive their
+section of a validated :class:`JobConfig` and never invent values of their own. A job is
+a YAML file plus dotted ``-o key=value`` overrides; unknown keys and bad values fail
+before any work starts, with an error that names the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A job configuration that cannot be used; the message names the field."""
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- task
+
+
+class TaskConfig(Section):
+    """Which task, and how many problems of each split are generated (or loaded)."""
+
+    name: str = Field("multistep_arithmetic", description="Task name, see tripost_ray.tasks.TASKS.")
+    n_train: int = Field(1000, ge=1, description="Training problems (seen difficulty).")
+    n_test_seen: int = Field(200, ge=0, description="Test problems of the seen difficulty.")
+    n_test_unseen: int = Field(200, ge=0, description="Test problems of the unseen difficulty.")
+    seed: int = Field(0, description="Seed of problem generation; splits never overlap.")
+    train_file: str | None = Field(
+        None, description="Optional JSON/JSONL problem file (fsspec URL) used instead of generated training problems."
+    )
+    test_file: str | None = Field(
+        None, description="Optional JSON/JSONL problem file (fsspec URL) used instead of the generated test splits."
+    )
+    difficulty: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Task-specific difficulty overrides (e.g. seen_groups, seen_nesting for arithmetic).",
+    )
+
+
+# -------------------------------------------------------------------------- model
+
+
+class TinyModelConfig(Section):
+    """A from-scratch LLaMA-architecture model for CPU machines and tests."""
+
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(512, ge=8)
+    max_position_embeddings: int = Field(1024, ge=64)
+    tokenizer: Literal["numeric", "char", "bpe"] = Field(
+        "numeric",
+        description="numeric: integers and words as single tokens; char: one token per character; bpe: trained BPE.",
+    )
+    bpe_vocab_size: int = Field(512, ge=64, description="Vocabulary size when tokenizer=bpe.")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        return self
+
+
+class ModelConfig(Section):
+    """Where the small model comes from."""
+
+    source: str = Field(
+        "tiny",
+        description="'tiny' (built from model.tiny), a local path, an fsspec URL, or a hub name.",
+    )
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    cache_dir: str = Field("~/.cache/tripost_ray/models", description="Local cache for models fetched from URLs.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bf16 on GPU, fp32 on CPU."
+    )
+
+
+# ------------------------------------------------------------------------ rollout
+
+
+class RolloutConfig(Section):
+    """Small-model generation on a Ray Data actor pool."""
+
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(1, ge=1)
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+    num_cpus_per_actor: float = Field(0.5, gt=0, description="Fractional on CPU so task stages still get a core.")
+    torch_threads_per_actor: int | None = Field(None, ge=1, description="None: cores split evenly across actors.")
+    batch_size: int = Field(64, ge=1)
+    max_new_tokens: int = Field(384, ge=1)
+    temperature: float = Field(1.0, ge=0, description="Iteration-1 sampling temperature (0 = greedy).")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_passes: int = Field(5, ge=1, description="Passes with different seeds until enough data.")
+    target_trajectories: int | None = Field(
+        None, ge=1, description="Stop passing once this many usable trajectories exist (None: one pass per problem)."
+    )
+    self_improve_rounds: int = Field(3, ge=0, description="Max 'Updated Answer' rounds in self-improving inference.")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> "RolloutConfig":
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) must be <= max_actors ({self.max_actors})")
+        return self
+
+
+# ---------------------------------------------------------------------- providers
+
+
+class RateLimitConfig(Section):
+    """Cluster-wide limits of one provider + model, enforced by a named Ray actor."""
+
+    requests_per_minute: float | None = Field(None, gt=0)
+    tokens_per_minute: float | None = Field(None, gt=0)
+    max_in_flight: int | None = Field(None, ge=1)
+
+
+class ProviderConfig(Section):
+    """One FBK or IMP endpoint."""
+
+    provider: Literal["scripted", "openai", "anthropic"] = "scripted"
+    model: str = Field("scripted", description="Model name sent to the endpoint.")
+    base_url: str | None = Field(None, description="Override the SDK's endpoint (vLLM, Ray Serve, the teacher).")
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the key (default OPENAI_API_KEY / ANTHROPIC_API_KEY)."
+    )
+    temperature: float = Field(0.0, ge=0)
+    max_tokens: int = Field(512, ge=1)
+    stop: list[str] = Field(default_factory=list)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(4, ge=0)
+    backoff_base_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(30.0, gt=0)
+    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+
+
+class Price(Section):
+    """USD per million tokens."""
+
+    input_per_mtok: float = Field(0.0, ge=0)
+    output_per_mtok: float = Field(0.0, ge=0)
+
+
+class EditingConfig(Section):
+    """The async editing pool that runs FBK/IMP conversations."""
+
+    max_improve_rounds: int = Field(5, ge=0)
+    num_actors: int = Field(1, ge=1)
+    concurrency_per_actor: int = Field(16, ge=1)
+    num_cpus_per_actor: float = Field(0.25, ge=0)
+    cache: bool = Field(True, description="Content-addressed response cache under <storage>/cache.")
+    max_usd: float | None = Field(None, ge=0, description="Budget; calls past it end as over_budget.")
+    prices: dict[str, Price] = Field(
+        default_factory=lambda: {
+            "scripted": Price(),
+            "gpt-4o-mini": Price(input_per_mtok=0.15, output_per_mtok=0.60),
+            "gpt-4o": Price(input_per_mtok=2.5, output_per_mtok=10.0),
+            "claude-3-5-haiku-latest": Price(input_per_mtok=0.8, output_per_mtok=4.0),
+            "claude-sonnet-4-5": Price(input_per_mtok=3.0, output_per_mtok=15.0),
+        },
+        description="Price table keyed by model name.",
+    )
+
+
+# -------------------------------------------------------------------- postprocess
+
+
+class PostprocessConfig(Section):
+    """Filters, the split into single-turn examples, and rebalancing."""
+
+    rebalance_ratio: float = Field(1.5, description="r; <= 0 turns rebalancing off.")
+    max_attempt_words: int = Field(512, ge=1)
+    max_example_tokens: int = Field(1024, ge=1)
+    min_new_examples: int = Field(8, ge=0, description="Early stop when an iteration yields fewer examples.")
+    seed: int = 0
+
+
+# -------------------------------------------------------------------------- train
+
+
+class TrainConfig(Section):
+    """Weighted fine-tuning on Ray Train + DeepSpeed."""
+
+    feedback_weight: float = Field(1.5, ge=0, description="w: loss weight of tokens from the first 'Feedback:' on.")
+    epochs: float = Field(4.0, gt=0)
+    learning_rate: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.2, ge=0, le=1)
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    grad_clip: float = Field(1.0, ge=0)
+    max_seq_len: int = Field(1024, ge=16)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+    checkpoint_every_steps: int = Field(0, ge=0, description="0: only at the end of training.")
+    max_failures: int = Field(2, ge=0)
+    log_every_steps: int = Field(10, ge=1)
+    seed: int = 0
+    sft_epochs: float = Field(4.0, ge=0, description="Gold-rationale SFT warm-up epochs (0: skip).")
+    sft_learning_rate: float = Field(1e-3, gt=0, description="Warm-up lr (a from-scratch model needs a large one).")
+    sft_examples: int = Field(1000, ge=1, description="Gold rationales used for the warm-up.")
+
+
+# --------------------------------------------------------------------------- eval
+
+
+class EvalConfig(Section):
+    """Evaluation with self-improving inference."""
+
+    self_improve_rounds: int = Field(3, ge=0)
+    max_new_tokens: int = Field(384, ge=1)
+    batch_size: int = Field(64, ge=1)
+    every_iteration: bool = True
+
+
+# ------------------------------------------------------------------------ storage
+
+
+class StorageConfig(Section):
+    """Where runs live: any fsspec URL (local directory, s3://, gs://, memory://)."""
+
+    path: str = Field("./runs", description="Root of all runs.")
+
+
+class RayConfig(Section):
+    """How to reach (or start) Ray."""
+
+    address: str | None = Field(None, description="None/'local': start a local Ray; 'auto' or ray://... to join one.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (None: all).")
+    include_dashboard: bool = False
+    data_progress_bars: bool = True
+    no_progress_timeout_s: float | None = Field(
+        None, gt=0, description="Fail a Ray Data stage that makes no progress for this long."
+    )
+
+
+# ---------------------------------------------------------------------------- job
+
+
+class JobConfig(Section):
+    """A whole TriPosT job."""
+
+    run_name: str = Field("quickstart", pattern=r"^[A-Za-z0-9._-]+$")
+    iterations: int = Field(3, ge=0, description="T: TriPosT iterations.")
+    seed: int = 0
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    feedback: ProviderConfig = Field(default_factory=ProviderConfig)
+    improve: ProviderConfig = Field(default_factory=ProviderConfig)
+    editing: EditingConfig = Field(default_factory=EditingConfig)
+    postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: TaskConfig) -> TaskConfig:
+        from tripost_ray.tasks import TASKS
+
+        if task.name not in TASKS:
+            raise ValueError(f"unknown task {task.name!r}; allowed: {sorted(TASKS)}")
+        return task
+
+    # ------------------------------------------------------------------ helpers
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML (what is printed at start and saved with the run)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def section_hash(self, *sections: str) -> str:
+        """A stable hash of some sections, used by stage manifests to detect changed configs."""
+        dumped = self.model_dump(mode="json")
+        payload = {name: dumped[name] for name in sections} if sections else dumped
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------ loading
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value with YAML rules (numbers, booleans, null, lists)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted ``key.sub=value`` overrides to a raw config mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        dotted, value = item.split("=", 1)
+        keys = [k for k in dotted.strip().split(".") if k]
+        if not keys:
+            raise ConfigError(f"override {item!r} names no field")
+        node = data
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {key!r} is not a section")
+            node = child
+        node[keys[-1]] = _parse_scalar(value)
+    return data
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif e["type"] == "literal_error":
+            msg = f"{msg} (got {e.get('input')!r})"
+        lines.append(f"  {loc}: {msg}")
+    return "invalid job config:\n" + "\n".join(lines)
+
+
+def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Validate a raw mapping (plus overrides) into a :class:`JobConfig`."""
+    raw = apply_overrides(dict(data or {}), list(overrides or []))
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Load a job YAML (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p} is not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: a job config must be a mapping, got {type(loaded).__name__}")
+        data = loaded or {}
+    return build_config(data, overrides)

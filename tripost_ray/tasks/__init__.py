@@ -1,0 +1,29 @@
+"""Task registry: ``get_task(name)`` returns the task's singleton implementation."""
+
+from __future__ import annotations
+
+from tripost_ray.tasks.base import SPLITS, Problem, ProblemFormatError, Split, Task, load_problems
+
+#: name -> "module:Class"; imported lazily so a task's dependencies load only when used.
+TASKS: dict[str, str] = {
+    "multistep_arithmetic": "tripost_ray.tasks.arithmetic:ArithmeticTask",
+    "word_sorting": "tripost_ray.tasks.word_sorting:WordSortingTask",
+}
+
+
+class UnknownTaskError(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; we want a sentence
+        return str(self.args[0])
+
+
+def get_task(name: str, **options) -> Task:
+    """The task called ``name`` (options are task-specific difficulty settings)."""
+    if name not in TASKS:
+        raise UnknownTaskError(f"unknown task {name!r}; allowed: {sorted(TASKS)}")
+    import importlib
+
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)(**options)
+
+
+__all__ = ["SPLITS", "TASKS", "Problem", "ProblemFormatError", "Split", "Task", "get_task", "load_problems"]
