@@ -66,6 +66,12 @@ class TinyModelConfig(Section):
         description="numeric: integers and words as single tokens; char: one token per character; bpe: trained BPE.",
     )
     bpe_vocab_size: int = Field(512, ge=64, description="Vocabulary size when tokenizer=bpe.")
+    numeric_max_digits: int = Field(
+        4, ge=1, le=6,
+        description="numeric tokenizer: every integer 0 .. 10**d - 1 is one token even if unseen in the corpus; "
+        "longer digit runs split into in-vocabulary pieces (never <unk>).",
+    )
+    tie_word_embeddings: bool = Field(True, description="Share input embeddings and LM head (halves a large vocab's cost).")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -219,6 +225,16 @@ class TrainConfig(Section):
     sft_epochs: float = Field(4.0, ge=0, description="Gold-rationale SFT warm-up epochs (0: skip).")
     sft_learning_rate: float = Field(1e-3, gt=0, description="Warm-up lr (a from-scratch model needs a large one).")
     sft_examples: int = Field(1000, ge=1, description="Gold rationales used for the warm-up.")
+    torch_threads_per_worker: int | None = Field(
+        None, ge=1, description="Intra-op threads of each training worker (None: max(1, floor(cpus_per_worker))).")
+    length_bucket_window: int = Field(
+        16, ge=1,
+        description="Length bucketing: examples are shuffled, then sorted by length within windows of this many "
+        "global batches (less padding), and the batches of a window are shuffled again.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    checkpoints_to_keep: int | None = Field(
+        2, ge=1, description="Checkpoints kept in storage per run (None: all); the latest is always kept.")
 
 
 # --------------------------------------------------------------------------- eval
