@@ -1,0 +1,133 @@
+"""Run storage on any fsspec URL: atomic JSON, Parquet tables, and model folders.
+
+Every stage writes through these helpers so a run can live in a local directory, in
+object storage (s3://, gs://) or in memory:// for tests, with the same code. Writes
+are atomic (write to a temporary name, then move) so a killed job never leaves a
+half-written manifest that a re-run would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a URL or local path."""
+    out = url.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def normalize(url: str) -> str:
+    """Expand ``~`` and make local paths absolute (Ray workers may run elsewhere)."""
+    if "://" in url:
+        return url
+    return str(Path(url).expanduser().resolve())
+
+
+def fs_for(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    return url_to_fs(url)
+
+
+def exists(url: str) -> bool:
+    fs, path = fs_for(url)
+    return fs.exists(path)
+
+
+def remove(url: str) -> None:
+    fs, path = fs_for(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def write_text_atomic(url: str, text: str) -> None:
+    fs, path = fs_for(url)
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+    with fs.open(tmp, "w") as f:
+        f.write(text)
+    fs.mv(tmp, path)
+
+
+def write_json(url: str, data: Any) -> None:
+    write_text_atomic(url, json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def read_json(url: str) -> Any:
+    with fsspec.open(url, "r") as f:
+        return json.load(f)
+
+
+def write_table(url: str, rows: list[dict], schema: pa.Schema | None = None) -> None:
+    """Write rows as one Parquet file (atomic)."""
+    fs, path = fs_for(url)
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    table = pa.Table.from_pylist(rows, schema=schema) if rows or schema else pa.table({})
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}.parquet"
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f)
+    fs.mv(tmp, path)
+
+
+def read_table(url: str) -> list[dict]:
+    """Read a Parquet file or a directory of Parquet files into rows."""
+    fs, path = fs_for(url)
+    if fs.isdir(path):
+        files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and "/.tmp-" not in p)
+    else:
+        files = [path]
+    rows: list[dict] = []
+    for file in files:
+        with fs.open(file, "rb") as f:
+            # Read into an Arrow buffer: pq.read_table on a Python file object starts
+            # Arrow I/O threads that abort the interpreter at exit (pyarrow 26).
+            rows.extend(pq.read_table(pa.BufferReader(f.read())).to_pylist())
+    return rows
+
+
+def upload_dir(local_dir: str, url: str) -> None:
+    """Copy a local folder to a URL (a no-op move for local storage)."""
+    fs, path = fs_for(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    fs.makedirs(path, exist_ok=True)
+    fs.put(str(Path(local_dir)) + "/", path, recursive=True)
+
+
+@contextmanager
+def local_copy_dir(url: str) -> Iterator[str]:
+    """A local folder holding the contents of ``url`` (the folder itself if it is local)."""
+    fs, path = fs_for(url)
+    if is_local(url):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="tripost-") as tmp:
+        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+        yield tmp
+
+
+def is_local(url: str) -> bool:
+    fs, _ = fs_for(url)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def local_path(url: str) -> str:
+    """The filesystem path of a local URL; raises for remote storage."""
+    if not is_local(url):
+        raise ValueError(f"{url} is not on the local filesystem")
+    return fs_for(url)[1] if "://" in url else os.path.abspath(url)
