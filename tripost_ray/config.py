@@ -130,9 +130,16 @@ class RolloutConfig(Section):
 class RateLimitConfig(Section):
     """Cluster-wide limits of one provider + model, enforced by a named Ray actor."""
 
-    requests_per_minute: float | None = Field(None, gt=0)
-    tokens_per_minute: float | None = Field(None, gt=0)
-    max_in_flight: int | None = Field(None, ge=1)
+    requests_per_minute: float | None = Field(
+        None, gt=0, description="RPM; requests are spaced 60/RPM seconds apart after the first `burst`."
+    )
+    tokens_per_minute: float | None = Field(
+        None, gt=0, description="TPM over a sliding 60 s window, charged with the usage each reply reports."
+    )
+    max_in_flight: int | None = Field(None, ge=1, description="Requests in flight at once, cluster-wide.")
+    burst: int = Field(
+        1, ge=1, description="Requests that may start back to back before RPM spacing applies (1: strictly even)."
+    )
 
 
 class ProviderConfig(Section):
@@ -151,6 +158,10 @@ class ProviderConfig(Section):
     max_retries: int = Field(4, ge=0)
     backoff_base_s: float = Field(0.5, gt=0)
     backoff_max_s: float = Field(30.0, gt=0)
+    parse_retries: int = Field(
+        1, ge=0, description="Extra asks after a malformed or empty reply (on top of max_retries for API errors)."
+    )
+    few_shot: int = Field(3, ge=0, description="Few-shot examples in LLM prompts (built from the task's gold rationales).")
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
 
 
@@ -169,6 +180,8 @@ class EditingConfig(Section):
     concurrency_per_actor: int = Field(16, ge=1)
     num_cpus_per_actor: float = Field(0.25, ge=0)
     cache: bool = Field(True, description="Content-addressed response cache under <storage>/cache.")
+    cache_uri: str | None = Field(None, description="Cache location (fsspec URL); None: <storage.path>/cache.")
+    progress: bool = Field(True, description="Show a tqdm progress bar on the driver.")
     max_usd: float | None = Field(None, ge=0, description="Budget; calls past it end as over_budget.")
     prices: dict[str, Price] = Field(
         default_factory=lambda: {
