@@ -93,9 +93,10 @@ def read_table(url: str) -> list[dict]:
     rows: list[dict] = []
     for file in files:
         with fs.open(file, "rb") as f:
-            # Read into an Arrow buffer: pq.read_table on a Python file object starts
-            # Arrow I/O threads that abort the interpreter at exit (pyarrow 26).
-            rows.extend(pq.read_table(pa.BufferReader(f.read())).to_pylist())
+            # use_threads=False: a threaded Parquet read leaves Arrow's thread pool in a
+            # state that aborts the interpreter at exit about one run in three
+            # (pyarrow 26, "terminate called without an active exception").
+            rows.extend(pq.read_table(pa.BufferReader(f.read()), use_threads=False).to_pylist())
     return rows
 
 
