@@ -262,6 +262,24 @@ class EvalConfig(Section):
     every_iteration: bool = True
 
 
+# ------------------------------------------------------------------------ teacher
+
+
+class TeacherConfig(Section):
+    """The project's own teacher server (Ray Serve), started by the job when enabled.
+
+    It answers FBK/IMP prompts over the OpenAI and Anthropic wire formats with the task's
+    scripted verifier and improver, so a run without API keys still exercises the same
+    client path as a hosted LLM. Providers whose ``base_url`` is unset are pointed at it.
+    """
+
+    enabled: bool = False
+    host: str = Field("127.0.0.1", description="Bind address; loopback unless told otherwise.")
+    port: int = Field(8123, ge=1, le=65535)
+    latency_s: float = Field(0.0, ge=0, description="Added latency per request (benchmarks).")
+    faults: str = Field("", description="Injected fault rates, e.g. '429=0.2,500=0.05' (tests).")
+
+
 # ------------------------------------------------------------------------ storage
 
 
@@ -297,6 +315,7 @@ class JobConfig(Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     feedback: ProviderConfig = Field(default_factory=ProviderConfig)
     improve: ProviderConfig = Field(default_factory=ProviderConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     editing: EditingConfig = Field(default_factory=EditingConfig)
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
