@@ -235,9 +235,6 @@ class TrainConfig(Section):
     max_failures: int = Field(2, ge=0)
     log_every_steps: int = Field(10, ge=1)
     seed: int = 0
-    sft_epochs: float = Field(4.0, ge=0, description="Gold-rationale SFT warm-up epochs (0: skip).")
-    sft_learning_rate: float = Field(1e-3, gt=0, description="Warm-up lr (a from-scratch model needs a large one).")
-    sft_examples: int = Field(1000, ge=1, description="Gold rationales used for the warm-up.")
     torch_threads_per_worker: int | None = Field(
         None, ge=1, description="Intra-op threads of each training worker (None: max(1, floor(cpus_per_worker))).")
     length_bucket_window: int = Field(
@@ -248,6 +245,16 @@ class TrainConfig(Section):
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     checkpoints_to_keep: int | None = Field(
         2, ge=1, description="Checkpoints kept in storage per run (None: all); the latest is always kept.")
+
+
+class SftConfig(Section):
+    """The gold-rationale warm-up that makes the starting model (TRIPOST.md: "M fine-tuned
+    on gold rationales"). It uses the train section's trainer settings, with its own
+    epochs and learning rate; a from-scratch model needs far more than lr 1e-6."""
+
+    epochs: float = Field(4.0, ge=0, description="0 skips the warm-up (the model is already fine-tuned).")
+    learning_rate: float = Field(1e-3, gt=0)
+    n_examples: int = Field(1000, ge=1, description="Gold rationales (train split) used for the warm-up.")
 
 
 # --------------------------------------------------------------------------- eval
@@ -319,6 +326,7 @@ class JobConfig(Section):
     editing: EditingConfig = Field(default_factory=EditingConfig)
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    sft: SftConfig = Field(default_factory=SftConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)

@@ -1,0 +1,356 @@
+"""The TriPosT job: SFT warm-up, then T iterations of rollouts, editing, post-processing,
+weighted training and evaluation, each a resumable stage of one run folder.
+
+Layout of a run (``<storage.path>/<run_name>/``)::
+
+    config.yaml                     the resolved config of the latest invocation
+    problems/                       train / test problems (Parquet)
+    model_init/model/               the starting model (HF format)
+    sft/model/                      after the gold-rationale warm-up (when enabled)
+    iter_0/eval/                    the starting model's evaluation
+    iter_<t>/pass_<p>/rollouts/     the small model's outputs
+    iter_<t>/pass_<p>/editing/      edited trajectories + failures (dead letters)
+    iter_<t>/postprocess/           weighted single-turn training examples
+    iter_<t>/train/model/           the model of iteration t
+    iter_<t>/eval/                  its evaluation
+    cache/                          the content-addressed LLM response cache
+    report.{json,md,html}
+
+This module only sequences stages; the work of each lives in its own module.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tripost_ray import storage
+from tripost_ray.config import JobConfig, load_config
+from tripost_ray.stages import Run
+from tripost_ray.tasks import Problem, Task, get_task, load_problems
+from tripost_ray.trajectory import TrainingExample, render_trajectory, Turn
+
+log = logging.getLogger("tripost")
+
+
+# ------------------------------------------------------------------------- ray
+
+
+def init_ray(cfg: JobConfig) -> None:
+    """Join the configured cluster, or start a local Ray sized by ``ray.num_cpus``."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address
+    if address in (None, "local") and not os.environ.get("RAY_ADDRESS"):
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard, log_to_driver=False)
+    else:
+        ray.init(address=None if address in (None, "local") else address, log_to_driver=False)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = cfg.ray.data_progress_bars
+    if cfg.ray.no_progress_timeout_s:
+        ctx.execution_no_progress_timeout_s = cfg.ray.no_progress_timeout_s
+
+
+# -------------------------------------------------------------------- problems
+
+
+@dataclass
+class Problems:
+    train: list[Problem]
+    sft: list[Problem]
+    test: list[Problem]
+
+
+def make_problems(task: Task, cfg: JobConfig) -> Problems:
+    """Generate (or load) the problems of a job; deterministic under ``task.seed``."""
+    tc = cfg.task
+    n_gen = max(tc.n_train, cfg.sft.n_examples if cfg.sft.epochs > 0 else 0)
+    if tc.train_file:
+        pool = load_problems(task, tc.train_file, split="train")
+    else:
+        pool = task.generate(n_gen, "train", seed=tc.seed)
+    if tc.test_file:
+        test = load_problems(task, tc.test_file, split="test_seen")
+    else:
+        test = task.generate(tc.n_test_seen, "test_seen", seed=tc.seed) + task.generate(
+            tc.n_test_unseen, "test_unseen", seed=tc.seed
+        )
+    return Problems(train=pool[: tc.n_train], sft=pool[: cfg.sft.n_examples], test=test)
+
+
+def gold_sft_examples(task: Task, problems: list[Problem]) -> list[dict]:
+    """Gold rationales without feedback, all tokens weight 1 (the SFT warm-up data)."""
+    rows = []
+    for p in problems:
+        text = render_trajectory(p.question, [Turn(task.gold_rationale(p))])
+        rows.append(TrainingExample(text=text, spans=((0, len(text), 1.0),), kind="gold", problem_id=p.id).to_dict())
+    return rows
+
+
+# ----------------------------------------------------------------------- stages
+
+
+class Job:
+    """One invocation of a TriPosT run; every public step is a resumable stage."""
+
+    def __init__(self, cfg: JobConfig, *, force: bool = False):
+        self.cfg = cfg
+        self.task = get_task(cfg.task.name, **cfg.task.difficulty)
+        self.run = Run(storage.join(storage.normalize(cfg.storage.path), cfg.run_name), force=force)
+
+    # -- helpers
+    def _stage(self, name: str, sections: tuple[str, ...], body, inputs: tuple[str, ...] = ()) -> dict:
+        return self.run.stage(name, self.cfg.section_hash(*sections), body, inputs=inputs)
+
+    # -- the job
+    def problems(self) -> Problems:
+        def body(url: str) -> dict:
+            probs = make_problems(self.task, self.cfg)
+            for split_name in ("train", "sft", "test"):
+                storage.write_table(storage.join(url, f"{split_name}.parquet"), [p.to_dict() for p in getattr(probs, split_name)])
+            return {"counts": {k: len(getattr(probs, k)) for k in ("train", "sft", "test")}}
+
+        self._stage("problems", ("task", "sft"), body)
+        url = self.run.url("problems")
+        load = lambda name: [Problem.from_dict(r) for r in storage.read_table(storage.join(url, f"{name}.parquet"))]
+        return Problems(train=load("train"), sft=load("sft"), test=load("test"))
+
+    def initial_model(self, probs: Problems) -> str:
+        from tripost_ray.models import prepare_model
+
+        def body(url: str) -> dict:
+            corpus = [self.task.prompt(p) for p in probs.sft + probs.test] + [
+                self.task.gold_rationale(p) for p in probs.sft
+            ]
+            out = storage.join(url, "model")
+            self._save_model(lambda local: prepare_model(self.cfg.model.source, self.cfg.model.tiny,
+                                                         self.cfg.model.cache_dir, corpus=corpus, out_dir=local), out)
+            return {"model": out, "source": self.cfg.model.source}
+
+        return self._stage("model_init", ("model",), body, inputs=("problems",))["model"]
+
+    def _save_model(self, build, url: str) -> None:
+        """Build a model into a local folder, then place it at ``url``."""
+        import tempfile
+
+        if storage.is_local(url):
+            os.makedirs(storage.local_path(url), exist_ok=True)
+            build(storage.local_path(url))
+            return
+        with tempfile.TemporaryDirectory(prefix="tripost-model-") as tmp:
+            build(tmp)
+            storage.upload_dir(tmp, url)
+
+    def sft(self, probs: Problems, model: str) -> tuple[str, str]:
+        """Gold-rationale warm-up; returns (model, stage name)."""
+        if self.cfg.sft.epochs <= 0:
+            return model, "model_init"
+        from tripost_ray.training import train
+
+        def body(url: str) -> dict:
+            result = train(
+                gold_sft_examples(self.task, probs.sft), model, storage.join(url, "model"), self.cfg.train,
+                run_name=f"{self.cfg.run_name}-sft", storage_path=self.run.url("ray_train"),
+                learning_rate=self.cfg.sft.learning_rate, epochs=self.cfg.sft.epochs,
+            )
+            return {"model": storage.join(url, "model"), "train": _result_dict(result)}
+
+        return self._stage("sft", ("sft", "train"), body, inputs=("model_init",))["model"], "sft"
+
+    def evaluate(self, t: int, model: str, probs: Problems, model_stage: str) -> dict:
+        from tripost_ray.evaluate import evaluate_model
+
+        def body(url: str) -> dict:
+            metrics = evaluate_model(model, self.cfg.task.name, probs.test, self.cfg,
+                                     output_uri=storage.join(url, "outputs"))
+            return {"metrics": metrics}
+
+        return self._stage(f"iter_{t}/eval", ("eval", "rollout"), body, inputs=(model_stage, "problems"))
+
+    def rollouts(self, t: int, p: int, model: str, probs: Problems, model_stage: str) -> str:
+        from tripost_ray.rollout import run_rollouts
+
+        name = f"iter_{t}/pass_{p}/rollouts"
+
+        def body(url: str) -> dict:
+            out = storage.join(url, "data")
+            summary = run_rollouts(
+                probs.train, model, self.cfg.task.name, self.cfg.rollout, out,
+                self_improve=t > 1, temperature=self.cfg.rollout.temperature,
+                seed=self.cfg.rollout.seed + 1000 * t + p, task_options=self.cfg.task.difficulty,
+            )
+            return {"data": out, "summary": _result_dict(summary)}
+
+        self._stage(name, ("rollout",), body, inputs=(model_stage, "problems"))
+        return name
+
+    def editing(self, t: int, p: int, rollout_stage: str) -> str:
+        from tripost_ray.feedback.pool import run_editing
+
+        name = f"iter_{t}/pass_{p}/editing"
+
+        def body(url: str) -> dict:
+            rows = storage.read_table(self.run.manifests[rollout_stage]["data"])
+            summary = run_editing(rows, self.cfg.task.name, self.cfg, url, cache_uri=self.run.url("cache"))
+            return {"trajectories": storage.join(url, "trajectories"), "summary": _result_dict(summary)}
+
+        self._stage(name, ("feedback", "improve", "editing"), body, inputs=(rollout_stage,))
+        return name
+
+    def postprocess(self, t: int, editing_stages: list[str], probs: Problems, model: str) -> str:
+        from tripost_ray.postprocess import postprocess
+        from tripost_ray.trajectory import Trajectory
+
+        name = f"iter_{t}/postprocess"
+
+        def body(url: str) -> dict:
+            trajectories = [
+                Trajectory.from_dict(r)
+                for stage in editing_stages
+                for r in storage.read_table(self.run.manifests[stage]["trajectories"])
+            ]
+            gold = [(pr, self.task.gold_rationale(pr)) for pr in probs.train]
+            count_tokens = _token_counter(model)
+            result = postprocess(trajectories, gold, self.cfg.postprocess, self.cfg.train.feedback_weight,
+                                 count_tokens, seed=self.cfg.postprocess.seed + t)
+            out = storage.join(url, "train.parquet")
+            storage.write_table(out, [e.to_dict() for e in result.examples])
+            return {"data": out, "n_examples": len(result.examples), "dropped": dict(result.dropped),
+                    "counts": dict(result.counts), "n_trajectories": len(trajectories)}
+
+        self._stage(name, ("postprocess", "train"), body, inputs=tuple(editing_stages))
+        return name
+
+    def train_iteration(self, t: int, model: str, pp_stage: str, model_stage: str) -> str:
+        from tripost_ray.training import train
+
+        name = f"iter_{t}/train"
+
+        def body(url: str) -> dict:
+            result = train(self.run.manifests[pp_stage]["data"], model, storage.join(url, "model"), self.cfg.train,
+                           run_name=f"{self.cfg.run_name}-iter{t}", storage_path=self.run.url("ray_train"))
+            return {"model": storage.join(url, "model"), "train": _result_dict(result)}
+
+        self._stage(name, ("train",), body, inputs=(pp_stage, model_stage))
+        return name
+
+    def usable_trajectories(self, editing_stages: list[str]) -> int:
+        return sum(int(self.run.manifests[s].get("summary", {}).get("kept", 0)) for s in editing_stages)
+
+
+def _token_counter(model: str):
+    """Token counts with the model's own tokenizer (for the 1024-token filter)."""
+    from transformers import AutoTokenizer
+
+    with storage.local_copy_dir(model) as local:
+        tok = AutoTokenizer.from_pretrained(local)
+    return lambda text: len(tok(text)["input_ids"])
+
+
+def _result_dict(result: Any) -> dict:
+    """A JSON-able view of a stage's result object (dataclass, pydantic or dict)."""
+    import dataclasses
+
+    if result is None:
+        return {}
+    if dataclasses.is_dataclass(result):
+        return dataclasses.asdict(result)
+    if hasattr(result, "model_dump"):
+        return result.model_dump(mode="json")
+    if isinstance(result, dict):
+        return result
+    return {"value": str(result)}
+
+
+# --------------------------------------------------------------------- the job
+
+
+def run_job(cfg: JobConfig, *, force: bool = False) -> dict:
+    """Run (or resume) a whole TriPosT job; returns the run summary."""
+    from tripost_ray.report import summarize, write_report
+
+    job = Job(cfg, force=force)
+    storage.write_text_atomic(job.run.url("config.yaml"), cfg.to_yaml())
+    started = time.time()
+    init_ray(cfg)
+    teacher = _start_teacher_if_enabled(cfg)
+    try:
+        from tripost_ray.feedback.providers import check_credentials
+
+        check_credentials(cfg)
+        probs = job.problems()
+        model = job.initial_model(probs)
+        model, model_stage = job.sft(probs, model)
+        job.evaluate(0, model, probs, model_stage)
+        for t in range(1, cfg.iterations + 1):
+            editing_stages = []
+            for p in range(cfg.rollout.max_passes):
+                r = job.rollouts(t, p, model, probs, model_stage)
+                editing_stages.append(job.editing(t, p, r))
+                target = cfg.rollout.target_trajectories
+                if target is None or job.usable_trajectories(editing_stages) >= target:
+                    break
+            pp = job.postprocess(t, editing_stages, probs, model)
+            n_examples = job.run.manifests[pp]["n_examples"]
+            if n_examples < cfg.postprocess.min_new_examples:
+                log.warning("iteration %d yielded %d examples (< postprocess.min_new_examples=%d): stopping early",
+                            t, n_examples, cfg.postprocess.min_new_examples)
+                break
+            trained = job.train_iteration(t, model, pp, model_stage)
+            model, model_stage = job.run.manifests[trained]["model"], trained
+            if cfg.eval.every_iteration or t == cfg.iterations:
+                job.evaluate(t, model, probs, model_stage)
+    finally:
+        if teacher is not None:
+            teacher()
+    summary = summarize(job.run.root, wall_s=time.time() - started)
+    write_report(job.run.root, summary)
+    return summary
+
+
+def _start_teacher_if_enabled(cfg: JobConfig):
+    """Start the Serve teacher and point unset provider base_urls at it; returns a stopper."""
+    if not cfg.teacher.enabled:
+        return None
+    from tripost_ray.serve.teacher import start_teacher, stop_teacher
+
+    base_url = start_teacher(cfg.task.name, host=cfg.teacher.host, port=cfg.teacher.port,
+                             latency_s=cfg.teacher.latency_s, faults=cfg.teacher.faults or None,
+                             task_options=cfg.task.difficulty)
+    for section in (cfg.feedback, cfg.improve):
+        if section.provider != "scripted" and section.base_url is None:
+            section.base_url = base_url if section.provider == "openai" else base_url.removesuffix("/v1")
+    return stop_teacher
+
+
+# ------------------------------------------------------------------------- CLI
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+
+
+def main_run(args) -> int:
+    """``tripost run CONFIG [-o key=value ...] [--dry-run] [--force]``."""
+    setup_logging()
+    cfg = load_config(args.config, args.override)
+    print("# resolved config\n" + cfg.to_yaml())
+    if args.dry_run:
+        from tripost_ray.plan import print_plan
+
+        print_plan(cfg)
+        return 0
+    from tripost_ray.report import format_summary
+
+    summary = run_job(cfg, force=args.force)
+    print(format_summary(summary))
+    return 0
