@@ -621,14 +621,15 @@ def _arithmetic_task():
     return ArithmeticTask()
 
 
-def _corrupt_one_number(text: str, rng, final_line: bool) -> str | None:
-    """Change one number of a step (never a step label): on the final response line
-    when ``final_line``, else anywhere in the numbered steps."""
+def _corrupt_one_number(text: str, rng, where: str) -> str | None:
+    """Change one number of a step, never a step label; ``where``: "final" (the final
+    response line), "reasoning" (a numbered step) or "any"."""
     lines = text.split("\n")
     spots = []
     for i, line in enumerate(lines):
         label = re.match(r"^\((?:[\d.]+|Final response)\)\s?", line)
-        if label and (not final_line or line.startswith("(Final response)")):
+        is_final = line.startswith("(Final response)")
+        if label and (where == "any" or (where == "final") == is_final):
             spots += [(i, m) for m in re.finditer(r"\d+", line) if m.start() >= label.end()]
     if not spots:
         return None
@@ -638,10 +639,15 @@ def _corrupt_one_number(text: str, rng, final_line: bool) -> str | None:
 
 
 def test_corrupted_gold_rationales_are_always_repaired():
-    """A gold rationale with one corrupted number, edited by the scripted teachers:
-    when the final answer is wrong it always becomes an "edited" trajectory that ends
-    all-correct on the right answer; when the corruption left the final answer right,
-    rule (a) keeps it as directly correct without a call (TriPosT judges the answer)."""
+    """Gold rationales with a corrupted number, edited by the scripted teachers.
+
+    Three kinds of corruption, in turn: (0) the final answer; (1) any number of a step,
+    which often leaves the final answer right; (2) a number of a reasoning step *and*
+    the final answer, so FBK must find the earlier error and IMP rewrite from it.
+    Whenever the final answer is wrong the result is an "edited" trajectory that ends
+    all-correct on the right answer; when the corruption left it right, rule (a) keeps
+    the output as directly correct without a call (TriPosT judges by the answer).
+    """
     import random
 
     arithmetic = _arithmetic_task()
@@ -654,10 +660,13 @@ def test_corrupted_gold_rationales_are_always_repaired():
     else:
         problems = task.generate(300, "train", seed=7)
     fbk, imp = scripted_fbk(task), scripted_imp(task)
-    counts = {"edited": 0, "direct_correct": 0}
+    counts = {"edited": 0, "direct_correct": 0, "edited_from_a_step": 0}
     for i, problem in enumerate(problems):
         gold = task.gold_rationale(problem)
-        broken = _corrupt_one_number(gold, rng, final_line=i % 2 == 0)
+        mode = i % 3
+        broken = _corrupt_one_number(gold, rng, ("final", "any", "reasoning")[mode])
+        if mode == 2:
+            broken = _corrupt_one_number(broken, rng, "final")
         assert broken is not None and broken != gold
         result = asyncio.run(edit_trajectory(task, problem, broken, fbk, imp))
         assert result.discard_reason is None, (problem.question, broken, result.discard_reason, result.calls)
@@ -669,5 +678,7 @@ def test_corrupted_gold_rationales_are_always_repaired():
             assert parse_feedback(traj.turns[-1].feedback).is_correct
             assert task.is_correct(problem, task.extract_answer(traj.turns[-1].attempt))
             assert traj.turns[0].attempt == broken
+            first = parse_feedback(traj.turns[0].feedback)
+            counts["edited_from_a_step"] += first.step != "final"
         counts[traj.kind] += 1
-    assert counts["edited"] >= 150 and counts["direct_correct"] >= 50, counts
+    assert counts["edited"] >= 150 and counts["direct_correct"] >= 50 and counts["edited_from_a_step"] >= 50, counts

@@ -69,6 +69,7 @@ from tripost_ray.trajectory import (
     Trajectory,
     TrajectoryKind,
     Turn,
+    extract_final_answer,
     parse_attempt,
     parse_feedback,
     parse_model_output,
@@ -158,11 +159,12 @@ class EditResult:
 _FOREIGN_TAGS = tuple(t.strip() for t in (QUESTION_TAG, ANSWER_TAG, FEEDBACK_TAG, UPDATED_TAG))
 
 
-def parse_valid_attempt(task: Task, attempt: str) -> ParsedAttempt | None:
+def parse_valid_attempt(task: Task | None, attempt: str) -> ParsedAttempt | None:
     """The parsed attempt when it is well formed, else None.
 
     Well formed: at least one reasoning step, the final response is the last step and a
-    single line from which the task reads an answer, and no line opens another turn
+    single line from which the task (or, with no task, the generic
+    ``So the answer is X.`` reader) reads an answer, and no line opens another turn
     (``Q:``, ``Answer:``, ``Feedback:``, ``Updated Answer:``).
     """
     parsed = parse_attempt(attempt)
@@ -173,7 +175,8 @@ def parse_valid_attempt(task: Task, attempt: str) -> ParsedAttempt | None:
         return None
     if any(line.lstrip().startswith(_FOREIGN_TAGS) for line in attempt.split("\n")):
         return None
-    if task.extract_answer(attempt) is None:
+    answer = task.extract_answer(attempt) if task is not None else extract_final_answer(attempt)
+    if answer is None:
         return None
     return parsed
 
