@@ -8,10 +8,11 @@ before any work starts, with an error that names the field and what is allowed.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -383,13 +384,32 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _section_fields(loc: tuple) -> list[str] | None:
+    """The field names allowed at ``loc`` (a section path, dict keys included), or None."""
+    model: Any = JobConfig
+    for part in loc:
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            field = model.model_fields.get(str(part))
+            if field is None:
+                return None
+            model = field.annotation
+        elif get_origin(model) is dict:  # a key of e.g. editing.prices: step into the value type
+            model = get_args(model)[1]
+        else:
+            return None
+    if get_origin(model) is dict:
+        return None
+    return sorted(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
 def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown field"
+            allowed = _section_fields(tuple(e["loc"][:-1]))
+            msg = "unknown field" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
         elif e["type"] == "literal_error":
             msg = f"{msg} (got {e.get('input')!r})"
         lines.append(f"  {loc}: {msg}")
@@ -398,7 +418,7 @@ def _format_validation_error(err: ValidationError) -> str:
 
 def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> JobConfig:
     """Validate a raw mapping (plus overrides) into a :class:`JobConfig`."""
-    raw = apply_overrides(dict(data or {}), list(overrides or []))
+    raw = apply_overrides(copy.deepcopy(dict(data or {})), list(overrides or []))  # never edit the caller's dict
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as err:
@@ -413,9 +433,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.exists():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
             raise ConfigError(f"{p} is not valid YAML: {err}") from None
+        except (OSError, UnicodeDecodeError) as err:  # a directory, no permission, not text
+            raise ConfigError(f"cannot read config file {p}: {err}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: a job config must be a mapping, got {type(loaded).__name__}")
         data = loaded or {}
