@@ -244,6 +244,32 @@ def test_correct_answer_after_a_truncated_update_is_not_direct():
     assert result.trajectory.kind == "edited" and len(result.trajectory.turns) == 1
 
 
+RIGHT_BY_LUCK = attempt("(1) 3 + 4 = 8.", "(2) 7 + 5 = 12.", "(3) 12 + 6 = 18.", "(Final response) So the answer is 18.")
+
+
+def test_right_answer_with_a_wrong_step_is_direct_by_default():
+    teacher = Teacher()
+    result = edit(RIGHT_BY_LUCK, teacher)
+    assert result.trajectory.kind == "direct_correct" and teacher.fbk_inputs == []
+
+
+def test_verify_direct_correct_edits_a_right_answer_reached_by_wrong_steps():
+    teacher = Teacher()
+    result = asyncio.run(edit_trajectory(TASK, P, RIGHT_BY_LUCK, teacher.fbk, teacher.imp, verify_direct_correct=True))
+    assert result.trajectory.kind == "edited" and roles(result) == ["fbk", "imp", "fbk"]
+    assert [t.attempt for t in result.trajectory.turns] == [RIGHT_BY_LUCK, GOLD]
+
+
+def test_verify_direct_correct_keeps_a_confirmed_output_direct():
+    own = fb_text(WRONG2)
+    teacher = Teacher()
+    output = output_of((WRONG2, own), (GOLD, None))
+    result = asyncio.run(edit_trajectory(TASK, P, output, teacher.fbk, teacher.imp, verify_direct_correct=True))
+    assert result.trajectory.kind == "direct_correct" and teacher.fbk_inputs == [WRONG2, GOLD]
+    assert [t.feedback for t in result.trajectory.turns] == [own, ALL_CORRECT]
+    assert result.trajectory.meta["fbk_calls"] == 2
+
+
 # --------------------------------------------------------------- (b) + (c) edited
 
 
@@ -381,6 +407,14 @@ def test_update_without_the_preamble_gets_it_back():
     body = GOLD.split("\n", 1)[1]  # IMP answered from "(1)" on
     result = edit(WRONG2, Teacher(imp=[body]))
     assert result.trajectory.turns[-1].attempt == GOLD
+
+
+def test_preamble_may_be_kept_or_repaired_but_not_invented():
+    previous, fb = parse_attempt(WRONG2.replace("step by step", "step by stpe")), TASK.verify(P, WRONG2)
+    assert check_update(TASK, previous, fb, GOLD) is None  # repaired to the task's prefix
+    assert check_update(TASK, previous, fb, GOLD.replace("step by step", "step by stpe")) is None  # kept
+    invented = GOLD.replace("Let's think step by step.", "Let me guess.")
+    assert check_update(TASK, previous, fb, invented) == "imp_changed_earlier_step"
 
 
 def test_check_update_directly():

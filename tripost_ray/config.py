@@ -181,6 +181,11 @@ class EditingConfig(Section):
     concurrency_per_actor: int = Field(16, ge=1)
     num_cpus_per_actor: float = Field(0.25, ge=0)
     cache: bool = Field(True, description="Content-addressed response cache under <storage>/cache.")
+    verify_direct_correct: bool = Field(
+        False,
+        description="Send right, consistent model outputs through FBK too (the paper does not): a right answer "
+        "reached by wrong steps is then edited, not taught as correct. Free with a scripted FBK.",
+    )
     cache_uri: str | None = Field(None, description="Cache location (fsspec URL); None: <storage.path>/cache.")
     progress: bool = Field(True, description="Show a tqdm progress bar on the driver.")
     max_usd: float | None = Field(None, ge=0, description="Budget; calls past it end as over_budget.")

@@ -50,6 +50,11 @@ Departures from a literal reading, and why:
   later one is FBK's text. IMP and the rules always see FBK's structured feedback.
 * "Still contains the flagged segment" matches the segment at word boundaries, so a
   flagged ``= 1`` is not found inside a corrected ``= 12``.
+* The preamble (``Let's think step by step.<hint>``) is not a step: an update may keep
+  it or restore the task's own prefix, but not invent another; an update that starts
+  at ``(1)`` gets the task's prefix.
+* ``verify_direct_correct`` (off by default, as in the paper) also sends outputs that
+  pass rule (a) through FBK, for models whose right answers often rest on wrong steps.
 """
 
 from __future__ import annotations
@@ -116,7 +121,8 @@ DISCARD_REASONS: dict[str, str] = {
     "imp_unparsable": "IMP's update is not a well-formed attempt (no steps or no one-line final response with an "
     "answer, or it holds Q:/Answer:/Feedback:/Updated Answer: lines)",
     "imp_identical": "IMP's update is identical to the attempt it was asked to improve",
-    "imp_changed_earlier_step": "IMP's update changed the preamble or a step before the error step",
+    "imp_changed_earlier_step": "IMP's update changed a step before the error step, or its preamble is neither "
+    "the attempt's nor the task's attempt prefix",
     "imp_error_step_unchanged": "IMP's update left the error step unchanged",
     "imp_kept_flagged_segment": "IMP's update still contains the flagged segment in the error step",
     "max_rounds": "the improvement rounds ran out before FBK said the attempt is correct",
@@ -197,9 +203,11 @@ def contains_segment(text: str, segment: str) -> bool:
 def check_update(task: Task, previous: ParsedAttempt, feedback: Feedback, update: str) -> RejectReason | None:
     """The first rule an update of ``previous`` under error ``feedback`` breaks, or None.
 
-    Rules, in order: well formed; not identical; preamble and every step before the
-    error step unchanged (verbatim); the error step changed; the flagged segment (when
-    non-empty) no longer in the error step.
+    Rules, in order: well formed; not identical; every step before the error step
+    unchanged (verbatim) and the preamble either unchanged or the task's own attempt
+    prefix (the preamble is not a step: repairing a garbled one is fine, inventing a new
+    one is not); the error step changed; the flagged segment (when non-empty) no longer
+    in the error step.
     """
     k = previous.index_of(feedback.step) if feedback.step is not None else None
     if k is None:
@@ -209,7 +217,9 @@ def check_update(task: Task, previous: ParsedAttempt, feedback: Feedback, update
         return "imp_unparsable"
     if parsed.render() == previous.render():
         return "imp_identical"
-    if parsed.preamble != previous.preamble or parsed.steps[:k] != previous.steps[:k] or len(parsed.steps) <= k:
+    if parsed.preamble not in (previous.preamble, task.attempt_prefix):
+        return "imp_changed_earlier_step"
+    if parsed.steps[:k] != previous.steps[:k] or len(parsed.steps) <= k:
         return "imp_changed_earlier_step"
     if parsed.steps[k] == previous.steps[k]:
         return "imp_error_step_unchanged"
@@ -288,11 +298,11 @@ def is_internally_consistent(task: Task, turns: list[tuple[Turn, ParsedAttempt]]
 # ------------------------------------------------------------------- the editor
 
 
-def _with_preamble(update: str, previous: ParsedAttempt) -> str:
-    """IMP may answer from ``(1)`` on; give such an update the attempt's preamble back."""
+def _with_preamble(update: str, task: Task) -> str:
+    """IMP may answer from ``(1)`` on; give such an update the task's attempt prefix."""
     update = update.strip()
-    if update and not parse_attempt(update).preamble and previous.preamble:
-        return previous.preamble + "\n" + update
+    if update and not parse_attempt(update).preamble:
+        return task.attempt_prefix + "\n" + update
     return update
 
 
@@ -350,7 +360,7 @@ class _Editor:
         return outcome.value, None
 
     # the rules
-    async def run(self, output: str, max_rounds: int) -> EditResult:
+    async def run(self, output: str, max_rounds: int, verify_direct_correct: bool) -> EditResult:
         task = self.task
         model_turns = parse_model_output(output or "").turns
         self.model_turns = len(model_turns)
@@ -363,13 +373,14 @@ class _Editor:
         if not turns:
             return self.discard("unparsable_output")
 
-        # (a) directly correct: no calls
+        # (a) directly correct: no calls (unless asked to confirm it with FBK)
         last_turn, last_parsed = turns[-1]
-        if (
+        direct = (
             len(turns) == len(model_turns)
             and task.is_correct(self.problem, task.extract_answer(last_turn.attempt))
             and is_internally_consistent(task, turns)
-        ):
+        )
+        if direct and not verify_direct_correct:
             self.model_turns_kept = len(turns)
             kept = [t for t, _ in turns[:-1]] + [Turn(last_turn.attempt, all_correct_text(last_parsed))]
             return self.keep(kept, "direct_correct")
@@ -377,7 +388,7 @@ class _Editor:
         # (b) the agreement check: FBK on the model's attempts, in order, up to the cut
         kept: list[Turn] = []
         history: list[tuple[ParsedAttempt, Feedback]] = []  # each kept attempt with FBK's feedback
-        for turn, parsed in turns:
+        for i, (turn, parsed) in enumerate(turns):
             fb, reason = await self.call_fbk(turn.attempt)
             if reason:
                 return self.discard(reason)
@@ -386,7 +397,9 @@ class _Editor:
             self.model_turns_kept += 1
             if fb.is_correct:
                 kept.append(Turn(turn.attempt, all_correct_text(parsed)))
-                return self.keep(kept, "edited")
+                # a direct-correct output that FBK confirmed turn by turn is still direct
+                confirmed = direct and i == len(turns) - 1
+                return self.keep(kept, "direct_correct" if confirmed else "edited")
             history.append((parsed, fb))
             if agrees(turn.feedback, fb, parsed):
                 kept.append(turn)
@@ -400,7 +413,7 @@ class _Editor:
             update, reason = await self.call_imp(kept[-1].attempt, prev_fb)
             if reason:
                 return self.discard(reason)
-            update = _with_preamble(update, previous)
+            update = _with_preamble(update, task)
             rejected = check_update(task, previous, prev_fb, update)
             if rejected:
                 return self.discard(rejected)
@@ -425,7 +438,14 @@ class _Editor:
 
 
 async def edit_trajectory(
-    task: Task, problem: Problem, output: str, fbk: FbkCall, imp: ImpCall, *, max_rounds: int = 5
+    task: Task,
+    problem: Problem,
+    output: str,
+    fbk: FbkCall,
+    imp: ImpCall,
+    *,
+    max_rounds: int = 5,
+    verify_direct_correct: bool = False,
 ) -> EditResult:
     """Apply the TriPosT editing rules to the model's ``output`` on ``problem``.
 
@@ -433,10 +453,15 @@ async def edit_trajectory(
     ``task.attempt_prefix`` and may hold the model's own feedbacks and updates, or be
     truncated or garbage). Never raises on bad output or failed calls: the result is a
     trajectory or a named discard reason (:data:`DISCARD_REASONS`).
+
+    ``verify_direct_correct`` (off in the paper) sends even a right, consistent output
+    through FBK: a right answer reached by wrong steps is then edited instead of being
+    taught as correct. It costs one FBK call per attempt, nothing with a scripted FBK.
+    An output FBK confirms turn by turn stays ``direct_correct`` (with its calls).
     """
     if max_rounds < 0:
         raise ValueError(f"max_rounds must be >= 0, got {max_rounds}")
-    return await _Editor(task, problem, fbk, imp).run(output, max_rounds)
+    return await _Editor(task, problem, fbk, imp).run(output, max_rounds, verify_direct_correct)
 
 
 # ----------------------------------------------------------- scripted teachers
