@@ -149,16 +149,21 @@ class Feedback:
         return asdict(self)
 
 
+def _one_line(text: str) -> str:
+    """Join the lines of a teacher's segment or reason: a feedback is one line of a trajectory."""
+    return re.sub(r"[ \t\r]*\n\s*", " ", text)
+
+
 def render_feedback(fb: Feedback) -> str:
-    """Render a feedback sentence in the format of TRIPOST.md."""
+    """Render a feedback sentence in the format of TRIPOST.md (always one line)."""
     prefix = f"Step (1) to step ({fb.last_correct}) are correct. " if fb.last_correct else ""
     if fb.step is None:
         return prefix + "The final response is also correct."
-    reason = fb.reason.strip() or "it is wrong"
+    reason = _one_line(fb.reason.strip()) or "it is wrong"
     if not reason.endswith("."):
         reason += "."
     where = "the final response" if fb.step == FINAL_LABEL else f"step ({fb.step})"
-    return f'{prefix}In {where} the part "{fb.segment}" is incorrect. This is because {reason}'
+    return f'{prefix}In {where} the part "{_one_line(fb.segment)}" is incorrect. This is because {reason}'
 
 
 _FB_PREFIX_RE = re.compile(r"^Step \(1\) to step \(([\d.]+)\) are correct\.\s*")
