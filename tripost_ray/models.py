@@ -280,13 +280,23 @@ def resolve_model_source(source: str, cache_dir: str) -> str:
 
 
 def prepare_model(source: str, tiny: TinyModelConfig, cache_dir: str, corpus: Iterable[str] | None = None,
-                  tiny_dir: str | None = None) -> str:
-    """The local model folder for a ``ModelConfig``: build the tiny model or resolve a source."""
+                  out_dir: str | None = None) -> str:
+    """The local model folder for a ``ModelConfig``: build the tiny model or resolve a source.
+
+    With ``out_dir`` the model ends up in that folder (built there, or copied there from
+    the resolved source), so a run owns a copy of its starting model.
+    """
     if source == "tiny":
-        if corpus is None or tiny_dir is None:
+        if corpus is None or out_dir is None:
             raise ModelSourceError("model.source=tiny needs a corpus of task text and an output folder")
-        return build_tiny_model(tiny, corpus, tiny_dir)
-    return resolve_model_source(source, cache_dir)
+        return build_tiny_model(tiny, corpus, out_dir)
+    local = resolve_model_source(source, cache_dir)
+    if out_dir is None:
+        return local
+    out = Path(out_dir).expanduser().resolve()
+    if out != Path(local):
+        shutil.copytree(local, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(_COMPLETE_MARKER))
+    return str(out)
 
 
 def resolve_dtype(dtype: str, device: str):
