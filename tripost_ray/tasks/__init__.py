@@ -21,9 +21,17 @@ def get_task(name: str, **options) -> Task:
     if name not in TASKS:
         raise UnknownTaskError(f"unknown task {name!r}; allowed: {sorted(TASKS)}")
     import importlib
+    import inspect
 
     module, cls = TASKS[name].split(":")
-    return getattr(importlib.import_module(module), cls)(**options)
+    task_cls = getattr(importlib.import_module(module), cls)
+    params = inspect.signature(task_cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        allowed = [p for p in params if p != "self"]
+        for key in options:
+            if key not in allowed:  # a typo in task.difficulty: say so instead of a TypeError
+                raise ValueError(f"task {name} has no option {key!r}; allowed: {', '.join(allowed) or 'none'}")
+    return task_cls(**options)
 
 
 __all__ = ["SPLITS", "TASKS", "Problem", "ProblemFormatError", "Split", "Task", "get_task", "load_problems"]

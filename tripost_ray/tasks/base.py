@@ -136,12 +136,19 @@ def load_problems(task: Task, url: str, split: Split = "test_seen") -> list[Prob
             text = f.read()
     except FileNotFoundError:
         raise ProblemFormatError(f"problem file not found: {url}") from None
+    except (OSError, UnicodeDecodeError, ValueError, ImportError) as err:  # a directory, not text, unknown protocol
+        raise ProblemFormatError(f"cannot read problem file {url}: {err}") from None
     problems = []
+    first_of: dict[str, int] = {}
     for i, record in enumerate(_records_from_text(text, url)):
         if not isinstance(record, dict):
             raise ProblemFormatError(f"{url}: record {i} is not an object")
         try:
-            problems.append(task.problem_from_record(record, i, record.get("split", split)))
+            problem = task.problem_from_record(record, i, record.get("split", split))
         except (KeyError, ValueError) as err:
             raise ProblemFormatError(f"{url}: record {i} is not a {task.name} problem: {err}") from None
+        if problem.id in first_of:  # every later stage keys its records by problem id
+            raise ProblemFormatError(f"{url}: record {i} repeats the id {problem.id!r} of record {first_of[problem.id]}")
+        first_of[problem.id] = i
+        problems.append(problem)
     return problems
