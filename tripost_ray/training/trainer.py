@@ -1,0 +1,382 @@
+"""Weighted fine-tuning on Ray Train (``TorchTrainer``) with DeepSpeed ZeRO.
+
+The driver (:func:`train`) turns the examples into a Ray Dataset and starts a
+``TorchTrainer``; every worker runs :func:`train_loop_per_worker`:
+
+1. reads the *whole* (small) dataset from ``ray.train.get_dataset_shard("train")`` (the
+   dataset is not split: TriPosT's training sets are thousands of short texts, and a
+   deterministic global batch plan is what makes restores exact and lets P ranks compute
+   the same batches as one process; each rank then takes its slice of every global batch);
+2. tokenizes it (char-span weights onto tokens, ``dataset.py``) and plans the batches;
+3. builds the DeepSpeed engine (torch AdamW + warm-up/decay schedule, ``optim.py``; the
+   config from typed fields, ``deepspeed_config.py``) and restores from
+   ``ray.train.get_checkpoint()`` when Ray Train restarts the run (Ray Train V2 has no
+   ``resume_from_checkpoint``), skipping the steps already taken;
+4. trains with the exact global weighted loss (``loss.py``), reporting metrics through
+   ``ray.train.report`` and a logger, and a DeepSpeed checkpoint from every rank every
+   ``checkpoint_every_steps`` steps and at the end;
+5. exports a consolidated Hugging Face model + tokenizer (``export.py``).
+
+Run identity: a run is (``storage_path``, ``run_name``). With ``resume=True`` an existing
+run of that name continues from its latest checkpoint (a re-started driver, a re-run
+pipeline); a spec file in the run folder makes sure that it is the *same* training
+(model, output, hyper-parameters), and each worker checks the data fingerprint, so a
+different job never resumes by accident. ``resume=False`` refuses an existing run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tripost_ray.config import TrainConfig
+from tripost_ray.training.dataset import (
+    REQUIRED_COLUMNS,
+    BatchGeometry,
+    TrainingDataError,
+    canonical_order,
+    collate,
+    data_fingerprint,
+    plan_global_batches,
+    rank_micro_batches,
+    tokenize_rows,
+    validate_row,
+)
+from tripost_ray.training.deepspeed_config import TrainSetupError, build_deepspeed_config, resolve_precision
+
+log = logging.getLogger("tripost_ray.training")
+
+STATE_FILE = "trainer_state.json"
+SPEC_FILE = "tripost_train_spec.json"
+
+
+class TrainingError(RuntimeError):
+    """Training failed for good (after ``max_failures`` restores); checkpoints are kept."""
+
+
+class RunExistsError(FileExistsError):
+    """A fresh run (``resume=False``) was asked for, but the run folder already exists."""
+
+
+@dataclass(frozen=True)
+class FailureInjection:
+    """Chaos hook for recovery tests and drills: SIGKILL rank ``rank``'s worker process right
+    after optimizer step ``step`` (1-based), once: ``marker`` (a local file) records that it
+    happened, so the restored attempt runs through."""
+
+    step: int
+    marker: str
+    rank: int = 0
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced (``history``: one dict per optimizer step)."""
+
+    final_loss: float
+    mean_loss: float
+    steps: int
+    tokens_trained: int
+    wall_time_s: float
+    history: list[dict] = field(default_factory=list)
+    checkpoint_path: str | None = None
+    model_path: str = ""
+    run_name: str = ""
+    restored_from_step: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------ worker side
+
+
+def _worker_threads(cfg: TrainConfig) -> int:
+    return cfg.torch_threads_per_worker or max(1, int(math.floor(cfg.cpus_per_worker)))
+
+
+def _load_rows_from_shard() -> list[dict]:
+    import ray.data
+    import ray.train
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # a small read; bars would only be noise
+    shard = ray.train.get_dataset_shard("train")
+    rows = [{k: row[k] for k in (*REQUIRED_COLUMNS, "problem_id") if k in row} for row in shard.iter_rows()]
+    return canonical_order(rows)
+
+
+def _save_checkpoint(engine, rank: int, state: dict, metrics: dict) -> None:
+    """Every rank saves its DeepSpeed shard, rank 0 adds the trainer state; then one report."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="tripost-ckpt-") as tmp:
+        engine.save_checkpoint(tmp, tag=state["tag"], client_state={"step": state["step"]})
+        if rank == 0:
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump(state, f)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
+    """The per-worker training function run by ``TorchTrainer`` (see the module docstring)."""
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tripost_ray.training.export import export_engine_model, localize_model
+    from tripost_ray.training.loss import micro_batch_objective, weighted_token_loss_sum
+    from tripost_ray.training.optim import build_optimizer, build_scheduler
+
+    logging.basicConfig(level=logging.INFO)
+    cfg = TrainConfig.model_validate(config["cfg"])
+    lr, epochs = float(config["learning_rate"]), float(config["epochs"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(_worker_threads(cfg))
+    torch.manual_seed(cfg.seed)
+
+    rows = _load_rows_from_shard()
+    fingerprint = data_fingerprint(rows)
+    model_dir = localize_model(config["init_model"])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples = tokenize_rows(tokenizer, rows, cfg.max_seq_len)
+    if rank == 0 and any(e.truncated for e in examples):
+        log.warning("%d of %d examples were cut to max_seq_len=%d", sum(e.truncated for e in examples),
+                    len(examples), cfg.max_seq_len)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    geometry = BatchGeometry(cfg.micro_batch_size, cfg.grad_accum_steps, world)
+    plan = plan_global_batches([len(e) for e in examples], geometry, epochs, cfg.seed, cfg.length_bucket_window)
+    total = len(plan)
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    optimizer = build_optimizer(model, cfg, lr)
+    scheduler = build_scheduler(optimizer, cfg, total)
+    ds_config = build_deepspeed_config(cfg, world, cfg.use_gpu)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_config)
+    device = engine.device
+
+    start, history, tokens_done, restored_from = 0, [], 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            with open(os.path.join(ckpt_dir, STATE_FILE)) as f:
+                state = json.load(f)
+            if state["fingerprint"] != fingerprint or state["total_steps"] != total:
+                raise TrainSetupError(
+                    f"run {config['run_name']!r} has a checkpoint of different training data or batch plan "
+                    f"(data {state['fingerprint']} vs {fingerprint}, steps {state['total_steps']} vs {total}); "
+                    "use a new run name")
+            engine.load_checkpoint(ckpt_dir, tag=state["tag"], load_optimizer_states=True,
+                                   load_lr_scheduler_states=True)
+            start, history, tokens_done = state["step"], state["history"], state["tokens_trained"]
+            restored_from = start
+        if rank == 0:
+            log.info("restored run %s at step %d/%d", config["run_name"], start, total)
+
+    fault = config.get("inject_failure")
+    steps_per_epoch = math.ceil(len(examples) / geometry.global_batch_size)
+    engine.train()
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        batches = [collate([examples[i] for i in mb], pad_id)
+                   for mb in rank_micro_batches(plan[step], rank, geometry)]
+        local = torch.tensor([float(sum(b["weights"][:, 1:].sum() for b in batches)),
+                              float(sum(b["attention_mask"].sum() for b in batches))], dtype=torch.float64)
+        dist.all_reduce(local)  # [W, tokens] of the global batch
+        weight_sum, step_tokens = float(local[0]), int(local[1])
+        lr_now = scheduler.get_last_lr()[0]
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for b in batches:
+            ids, mask, w = (b[k].to(device) for k in ("input_ids", "attention_mask", "weights"))
+            logits = engine(input_ids=ids, attention_mask=mask).logits
+            s, _ = weighted_token_loss_sum(logits, ids, w)
+            engine.backward(micro_batch_objective(s, weight_sum, world_size=world,
+                                                  grad_accum_steps=cfg.grad_accum_steps))
+            engine.step()  # DeepSpeed updates (and steps the scheduler) at the accumulation boundary
+            loss_sum += s.detach().to(torch.float64).cpu()
+        dist.all_reduce(loss_sum)
+        loss = float(loss_sum) / max(weight_sum, 1e-12)
+        dt = time.perf_counter() - t0
+        tokens_done += step_tokens
+        history.append({"step": step + 1, "loss": loss, "lr": lr_now, "tokens": step_tokens,
+                        "tokens_per_s": step_tokens / dt if dt > 0 else 0.0, "step_time_s": dt,
+                        "epoch": (step + 1) / steps_per_epoch})
+        metrics = dict(history[-1], total_steps=total)
+        done = step + 1
+        if rank == 0 and (done % cfg.log_every_steps == 0 or done == total or done == start + 1):
+            log.info("step %d/%d loss %.4f lr %.3g tokens/s %.0f", done, total, loss, lr_now,
+                     history[-1]["tokens_per_s"])
+        periodic = cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0
+        if done == total or periodic:
+            state = {"step": done, "tag": f"step_{done}", "history": history, "tokens_trained": tokens_done,
+                     "fingerprint": fingerprint, "total_steps": total}
+            _save_checkpoint(engine, rank, state, metrics)
+        elif done % cfg.log_every_steps == 0:
+            ray.train.report(metrics)
+        if fault and fault["step"] == done and rank == fault["rank"] and not os.path.exists(fault["marker"]):
+            with open(fault["marker"], "w") as f:
+                f.write(f"killed rank {rank} after step {done}\n")
+            log.warning("failure injection: killing rank %d (pid %d) after step %d", rank, os.getpid(), done)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    export_engine_model(engine, tokenizer, config["output_dir"], rank)
+    dist.barrier()
+    if rank != 0:
+        return None
+    return {"history": history, "tokens_trained": tokens_done, "restored_from_step": restored_from}
+
+
+# ------------------------------------------------------------------ driver side
+
+
+def _storage(storage_path: str):
+    """(path, pyarrow filesystem or None) for RunConfig; fsspec-only schemes are wrapped."""
+    import pyarrow.fs
+
+    from tripost_ray.training.export import is_local, local_path
+
+    if is_local(storage_path):
+        return local_path(storage_path), None
+    if storage_path.startswith("memory://"):
+        raise TrainSetupError("storage_path memory:// lives in one process; Ray Train workers cannot share it "
+                              "(use a local folder or a shared URL such as s3://, gs://)")
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(storage_path)
+        return path, fs
+    except (pyarrow.ArrowInvalid, ValueError):
+        import fsspec.core
+
+        ffs, path = fsspec.core.url_to_fs(storage_path)
+        return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(ffs))
+
+
+def _run_spec(init_model: str, output_dir: str, cfg: TrainConfig, lr: float, epochs: float) -> dict:
+    return {"init_model": init_model, "output_dir": output_dir, "learning_rate": lr, "epochs": epochs,
+            "train": cfg.model_dump(mode="json")}
+
+
+def _check_run_folder(path: str, fs, run_name: str, spec: dict, resume: bool) -> bool:
+    """Refuse accidental resumes; record the spec of a new run. Returns whether it existed."""
+    import pyarrow.fs
+
+    fs = fs or pyarrow.fs.LocalFileSystem()
+    run_dir = f"{path.rstrip('/')}/{run_name}"
+    exists = fs.get_file_info(run_dir).type != pyarrow.fs.FileType.NotFound
+    spec_path = f"{run_dir}/{SPEC_FILE}"
+    if exists and not resume:
+        raise RunExistsError(f"training run {run_name!r} already exists under the storage path; pass resume=True "
+                             "to continue it or use a new run name")
+    if exists and fs.get_file_info(spec_path).type == pyarrow.fs.FileType.File:
+        with fs.open_input_stream(spec_path) as f:
+            old = json.loads(f.read().decode())
+        if old != spec:
+            diff = sorted(k for k in spec if old.get(k) != spec[k])
+            raise RunExistsError(f"training run {run_name!r} exists with a different setup ({', '.join(diff)} "
+                                 "differ); use a new run name")
+    fs.create_dir(run_dir, recursive=True)
+    with fs.open_output_stream(spec_path) as f:
+        f.write(json.dumps(spec, sort_keys=True).encode())
+    return exists
+
+
+def _as_dataset(examples):
+    """A Ray Dataset from a Dataset, a list of ``TrainingExample.to_dict()`` rows, or a Parquet URL."""
+    import ray.data
+
+    if isinstance(examples, ray.data.Dataset):
+        ds = examples
+    elif isinstance(examples, str):
+        path, fs = _storage(examples)
+        ds = ray.data.read_parquet(path, filesystem=fs)
+    elif isinstance(examples, list):
+        if not examples:
+            raise TrainingDataError("no training examples")
+        for i, row in enumerate(examples):
+            validate_row(row, i)
+        ds = ray.data.from_items(examples)
+    else:
+        raise TypeError(f"examples must be a ray.data.Dataset, a list of dicts or a Parquet URL, "
+                        f"got {type(examples).__name__}")
+    ds.context.enable_progress_bars = False  # every worker reads the whole small set: bars would be noise
+    names = set(ds.schema().names)
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise TrainingDataError(f"training dataset lacks column(s) {missing}; "
+                                f"expected TrainingExample.to_dict() columns {list(REQUIRED_COLUMNS)}")
+    return ds
+
+
+def train(examples, init_model: str, output_dir: str, cfg: TrainConfig, *, run_name: str, storage_path: str,
+          learning_rate: float | None = None, epochs: float | None = None, resume: bool = True,
+          inject_failure: FailureInjection | None = None) -> TrainResult:
+    """Fine-tune ``init_model`` on weighted examples with Ray Train + DeepSpeed; export to ``output_dir``.
+
+    ``examples``: a Ray Dataset, a list of ``TrainingExample.to_dict()`` rows, or a Parquet
+    URL. ``learning_rate`` / ``epochs`` override ``cfg`` (the SFT warm-up uses its own).
+    ``output_dir`` (fsspec URL) receives a ``save_pretrained`` model + tokenizer. The run
+    lives at ``storage_path``/``run_name`` (checkpoints, Ray Train state); see the module
+    docstring for resume rules. Ray must be initialised (or is started locally).
+    """
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    lr = float(learning_rate if learning_rate is not None else cfg.learning_rate)
+    n_epochs = float(epochs if epochs is not None else cfg.epochs)
+    if lr <= 0 or n_epochs <= 0:
+        raise TrainSetupError(f"learning_rate ({lr}) and epochs ({n_epochs}) must be > 0")
+    resolve_precision(cfg, cfg.use_gpu)
+    build_deepspeed_config(cfg, cfg.num_workers, cfg.use_gpu)  # config errors before any work
+    if not ray.is_initialized():
+        ray.init()
+    ds = _as_dataset(examples)
+    path, fs = _storage(storage_path)
+    existed = _check_run_folder(path, fs, run_name, _run_spec(init_model, output_dir, cfg, lr, n_epochs), resume)
+    if existed:
+        log.info("training run %s exists: resuming from its latest checkpoint (if any)", run_name)
+
+    env = {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM") if k in os.environ}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "learning_rate": lr, "epochs": n_epochs,
+                           "init_model": init_model, "output_dir": output_dir, "run_name": run_name,
+                           "inject_failure": asdict(inject_failure) if inject_failure else None},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
+                             worker_runtime_env={"env_vars": env} if env else None),
+        datasets={"train": ds},
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as err:  # TrainingFailedError and friends: keep the cause, say how to resume
+        raise TrainingError(f"training run {run_name!r} failed (max_failures={cfg.max_failures}); its checkpoints "
+                            f"are kept and a re-run with the same run_name resumes it: {err}") from err
+    wall = time.perf_counter() - t0
+    out = result.return_value or {}
+    history = out.get("history") or []
+    if not history:
+        raise TrainingError(f"training run {run_name!r} finished without a step history")
+    losses = [h["loss"] for h in history]
+    return TrainResult(
+        final_loss=losses[-1], mean_loss=statistics.fmean(losses), steps=len(history),
+        tokens_trained=int(out.get("tokens_trained", 0)), wall_time_s=wall, history=history,
+        checkpoint_path=result.checkpoint.path if result.checkpoint else None, model_path=output_dir,
+        run_name=run_name, restored_from_step=out.get("restored_from_step"))
