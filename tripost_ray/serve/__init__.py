@@ -1,0 +1,1 @@
+"""Ray Serve applications: the scripted teacher behind LLM wire formats."""
