@@ -286,3 +286,11 @@ def test_trajectory_and_example_dict_round_trip():
     assert set(d) == {"text", "span_starts", "span_ends", "span_weights", "kind", "problem_id"}
     assert TrainingExample.from_dict(d) == ex
     assert TrainingExample.from_dict({k: v for k, v in d.items() if k != "problem_id"}).problem_id == ""
+
+
+def test_update_without_feedback_keeps_the_unjudged_attempt():
+    from tripost_ray.trajectory import parse_model_output
+
+    parsed = parse_model_output("P\n(1) a\nUpdated Answer: P\n(1) b\nFeedback: fb")
+    assert [t.attempt for t in parsed.turns] == ["P\n(1) a", "P\n(1) b"]
+    assert [t.feedback for t in parsed.turns] == [None, "fb"]

@@ -235,6 +235,9 @@ def parse_model_output(continuation: str, prefix: str = "") -> ParsedOutput:
             turns.append(Turn("\n".join(attempt_lines).strip(), feedback))
             attempt_lines = []
         elif line.startswith(UPDATED_TAG.strip()):
+            pending = "\n".join(attempt_lines).strip()
+            if pending:  # an update with no feedback before it: keep the attempt, unjudged
+                turns.append(Turn(pending, None))
             attempt_lines = [line[len(UPDATED_TAG.strip()) :].lstrip()]
         else:
             attempt_lines.append(line)
