@@ -66,6 +66,8 @@ def test_gold_rationale_matches_the_reference_format():
     ]
     assert TASK.extract_answer(TASK.gold_rationale(problem)) == "199"
     assert TASK.is_correct(problem, "+199") and TASK.is_correct(problem, "199.") and not TASK.is_correct(problem, "198")
+    assert TASK.normalize_answer("-0") == "0" and TASK.normalize_answer(" 24 ") == "24"
+    assert not TASK.is_correct(problem, None) and not TASK.is_correct(problem, "one hundred ninety-nine")
 
 
 def test_four_groups_get_four_letters_and_a_combination_chain():
@@ -270,6 +272,7 @@ def _corrupt_one_number(rng: random.Random, attempt: str, index: int) -> str | N
 def test_one_changed_number_is_flagged_at_its_step_and_improved_to_all_correct():
     rng = random.Random(11)
     checked = 0
+    labels_hit: set[str] = set()
     for p in SEEN + UNSEEN[:300]:
         gold = TASK.gold_rationale(p)
         steps = parse_attempt(gold).steps
@@ -287,7 +290,9 @@ def test_one_changed_number_is_flagged_at_its_step_and_improved_to_all_correct()
             assert [s.text for s in parse_attempt(improved).steps[:index]] == before
             assert fb.segment and fb.segment not in improved
             checked += 1
+            labels_hit.add(fb.step)
     assert checked >= 5 * N
+    assert {"1", "2", "3", "4", "5", "6", FINAL_LABEL} <= labels_hit
 
 
 def _mutate(rng: random.Random, gold: str) -> str:

@@ -28,7 +28,7 @@ OPERATORS = ("+", "-", "*")
 MAX_DEPTH = 200
 MAX_DIGITS = 1000
 
-_TOKEN_RE = re.compile(r"-?\d+|[()+*A-Z-]")
+_TOKEN_RE = re.compile(r"-?[0-9]+|[()+*A-Z-]")  # ASCII digits only
 
 
 class ExprError(ValueError):

@@ -101,7 +101,7 @@ _DEF_SPLIT_RE = re.compile(r"(?:^|, | and )([A-Z]) = ")
 _CALC_RE = re.compile(r"Let's calculate ([A-Z]) = (.*)\.")
 _FINAL_EQ_RE = re.compile(r"Then, the final equation is (.*)\.")
 _ANSWER_RE = re.compile(r"So the answer is (.*)\.")
-_INT_RE = re.compile(r"[+-]?\d+")
+_INT_RE = re.compile(r"[+-]?[0-9]+")
 
 
 # ------------------------------------------------------------------ partitions
@@ -197,7 +197,10 @@ def _step_lines(partition: Partition) -> tuple[str, ...]:
 
 
 class _Wrong(Exception):
-    """The first failure found while checking a step (internal control flow)."""
+    """The first failure found while checking a step (internal control flow).
+
+    ``segment`` None stands for the step's whole first line as written.
+    """
 
     def __init__(self, segment: str | None, reason: str):
         super().__init__(reason)
@@ -577,7 +580,7 @@ class ArithmeticTask(Task):
             return _Result(parsed, Feedback(label, segment, reason, last), pos, partition)
 
         def body_of(label: str) -> str:
-            """The expected step's single-line body, or raise _Wrong/_Missing."""
+            """The body of the step at ``pos`` after its ``(label) ``; raises _Wrong."""
             step = steps[pos]
             prefix = f"{FINAL_RESPONSE_TAG} " if label == FINAL_LABEL else f"({label}) "
             first, *rest = step.text.split("\n")
@@ -636,9 +639,15 @@ class ArithmeticTask(Task):
         return _Result(parsed, Feedback.all_correct(steps[pos - 2].label), pos, partition)
 
     def verify(self, problem: Problem, attempt: str) -> Feedback:
+        """Scripted FBK (see the module docstring); never raises on any attempt text."""
         return self._check(problem, attempt).feedback
 
     def improve(self, problem: Problem, attempt: str, feedback: Feedback) -> str:
+        """Scripted IMP: steps before the flagged one verbatim, the rest written correctly.
+
+        The output always verifies as all-correct: when ``feedback`` points later than
+        the attempt's first actual error (or not at a step), the kept prefix ends there.
+        """
         result = self._check(problem, attempt)
         keep = result.position
         if feedback.step is not None:
