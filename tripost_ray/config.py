@@ -47,7 +47,7 @@ class TaskConfig(Section):
     )
     difficulty: dict[str, Any] = Field(
         default_factory=dict,
-        description="Task-specific difficulty overrides (e.g. seen_groups, seen_nesting for arithmetic).",
+        description="Task options, e.g. seen_group_sizes, seen_nestings, operand_range (arithmetic); seen_sizes (word sorting).",
     )
 
 
@@ -116,6 +116,15 @@ class RolloutConfig(Section):
         None, ge=1, description="Stop passing once this many usable trajectories exist (None: one pass per problem)."
     )
     self_improve_rounds: int = Field(3, ge=0, description="Max 'Updated Answer' rounds in self-improving inference.")
+    max_actor_restarts: int = Field(
+        3, ge=-1, description="Restarts of a dead generator actor (its batch is retried); -1: unlimited.")
+    max_tasks_in_flight_per_actor: int = Field(
+        1, ge=1, description="Batches queued per actor; 1 spreads long generation batches evenly over the pool.")
+    wait_for_actors_s: int = Field(
+        600, ge=0, description="Start only once min_actors are up (so the first actor does not take every "
+        "batch); fails if they are not up in this time. 0: start with whatever is ready.")
+    resources_per_actor: dict[str, float] = Field(
+        default_factory=dict, description="Extra Ray resources each generator actor needs (e.g. to pin a node type).")
     seed: int = 0
 
     @model_validator(mode="after")
