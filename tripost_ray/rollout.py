@@ -1,0 +1,305 @@
+"""The rollout stage: the small model answers many problems on a Ray Data actor pool.
+
+    problems --from_items--> map_batches(GeneratorActor, ActorPoolStrategy(min, max))
+             --iter_batches (driver)--> Parquet parts on any fsspec URL
+
+Each actor loads the model once (a GPU each where ``num_gpus_per_actor`` > 0, else a
+fractional CPU so Ray Data's own tasks still get a core) and runs
+:func:`tripost_ray.inference.self_improving_inference` on its batches.
+
+Reproducibility across any sharding: every problem's sampling seed is derived from
+``(seed, problem_id, round)``, never from its batch or actor, and the dataset is split into
+the same fixed batches whichever actor or node takes them. So a run on two nodes writes
+the same rows as a run on one (tested with ``ray.cluster_utils.Cluster``).
+
+Exactly once: the driver consumes the stream and writes each output block as one Parquet
+part (atomically); a failed actor is restarted and its batch retried by Ray Data
+(``max_restarts`` / ``max_task_retries``), and the written ids are checked against the
+input ids at the end. The driver-side write works the same for local folders, object
+stores and ``memory://`` (which a worker process could not see).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from tripost_ray import storage
+from tripost_ray.config import ModelConfig, RolloutConfig
+from tripost_ray.tasks.base import Problem
+
+ROLLOUT_SCHEMA = pa.schema([
+    ("problem_id", pa.string()),
+    ("question", pa.string()),
+    ("target", pa.string()),
+    ("split", pa.string()),
+    ("meta_json", pa.string()),
+    ("output", pa.string()),
+    ("attempts", pa.list_(pa.string())),
+    ("feedbacks", pa.list_(pa.string())),
+    ("n_turns", pa.int64()),
+    ("first_answer", pa.string()),
+    ("final_answer", pa.string()),
+    ("first_correct", pa.bool_()),
+    ("correct", pa.bool_()),
+    ("stop_reason", pa.string()),
+    ("rounds", pa.int64()),
+    ("prompt_tokens", pa.int64()),
+    ("generated_tokens", pa.int64()),
+    ("gen_time_s", pa.float64()),
+    ("self_improve", pa.bool_()),
+    ("temperature", pa.float64()),
+    ("seed", pa.int64()),
+    ("node_id", pa.string()),
+    ("actor_id", pa.string()),
+])
+
+
+class RolloutError(RuntimeError):
+    """The rollout stage lost or duplicated problems, or could not start."""
+
+
+@dataclass
+class RolloutSummary:
+    """Counts, tokens and throughput of one rollout stage."""
+
+    n_problems: int
+    n_written: int
+    n_correct: int
+    n_self_improved: int
+    prompt_tokens: int
+    generated_tokens: int
+    wall_time_s: float
+    gen_time_s: float
+    tokens_per_s: float
+    problems_per_s: float
+    n_actors_seen: int
+    n_nodes_seen: int
+    output_uri: str
+    stop_reasons: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------- actor
+
+
+class GeneratorActor:
+    """A Ray Data UDF class: loads the model once, answers batches of problems.
+
+    ``fault_marker`` is a test hook for Ray's fault tolerance: when set and the file does
+    not exist yet, the actor creates it and kills its own process on its first batch, so
+    Ray Data must restart the actor and retry that batch.
+    """
+
+    def __init__(self, model_path: str, task_name: str, task_options: dict | None, *, cache_dir: str,
+                 dtype: str, torch_threads: int | None, batch_size: int, max_new_tokens: int, max_rounds: int,
+                 self_improve: bool, temperature: float, top_p: float, seed: int, use_gpu: bool,
+                 fault_marker: str | None = None):
+        import ray
+        import torch
+
+        from tripost_ray.generation import HFGenerationEngine
+        from tripost_ray.models import load_model_and_tokenizer, resolve_model_source
+        from tripost_ray.tasks import get_task
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        local = resolve_model_source(model_path, cache_dir)
+        model, tokenizer = load_model_and_tokenizer(local, dtype=dtype, device="cuda" if use_gpu else "cpu")
+        self.engine = HFGenerationEngine(model, tokenizer, batch_size=batch_size)
+        self.task = get_task(task_name, **(task_options or {}))
+        self.kw = dict(max_new_tokens=max_new_tokens, max_rounds=max_rounds, temperature=temperature, top_p=top_p,
+                       seed=seed, self_improve=self_improve)
+        ctx = ray.get_runtime_context()
+        self.node_id = ctx.get_node_id()
+        self.actor_id = ctx.get_actor_id() or f"pid-{os.getpid()}"
+        self.fault_marker = fault_marker
+
+    def _maybe_fail(self) -> None:
+        if self.fault_marker and not os.path.exists(self.fault_marker):
+            with open(self.fault_marker, "w") as f:
+                f.write(self.actor_id)
+            os._exit(1)
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        from tripost_ray.inference import self_improving_inference
+
+        self._maybe_fail()
+        problems = [
+            Problem(id=str(pid), question=str(q), target=str(t), split=str(s), meta=json.loads(m))
+            for pid, q, t, s, m in zip(batch["problem_id"], batch["question"], batch["target"], batch["split"],
+                                       batch["meta_json"])
+        ]
+        results = self_improving_inference(self.engine, self.task, problems, **self.kw)
+        rows = []
+        for p, r in zip(problems, results):
+            rows.append({
+                "problem_id": p.id, "question": p.question, "target": p.target, "split": p.split,
+                "meta_json": json.dumps(p.meta, sort_keys=True), "output": r.output,
+                "attempts": [t.attempt for t in r.turns], "feedbacks": [t.feedback for t in r.turns],
+                "n_turns": r.n_turns, "first_answer": r.first_answer, "final_answer": r.final_answer,
+                "first_correct": r.first_correct, "correct": r.correct, "stop_reason": r.stop_reason,
+                "rounds": r.rounds, "prompt_tokens": r.prompt_tokens, "generated_tokens": r.generated_tokens,
+                "gen_time_s": r.gen_time_s, "self_improve": self.kw["self_improve"],
+                "temperature": float(self.kw["temperature"]), "seed": int(self.kw["seed"]),
+                "node_id": self.node_id, "actor_id": self.actor_id,
+            })
+        return pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA)
+
+
+# --------------------------------------------------------------------- stage
+
+
+def torch_threads_for(cfg: RolloutConfig) -> int:
+    """Intra-op threads per actor: the configured number, or this machine's cores / actors."""
+    if cfg.torch_threads_per_actor:
+        return cfg.torch_threads_per_actor
+    return max(1, (os.cpu_count() or 1) // cfg.max_actors)
+
+
+def _problem_items(problems: list[Problem]) -> list[dict]:
+    ids = [p.id for p in problems]
+    if len(set(ids)) != len(ids):
+        dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise RolloutError(f"problem ids must be unique; duplicated: {dupes}")
+    return [{"problem_id": p.id, "question": p.question, "target": p.target, "split": p.split,
+             "meta_json": json.dumps(p.meta, sort_keys=True, default=str)} for p in problems]
+
+
+def run_rollouts(
+    problems: list[Problem],
+    model_path: str,
+    task_name: str,
+    cfg: RolloutConfig,
+    output_uri: str,
+    *,
+    self_improve: bool,
+    temperature: float,
+    seed: int,
+    task_options: dict | None = None,
+    max_new_tokens: int | None = None,
+    max_rounds: int | None = None,
+    cache_dir: str | None = None,
+    dtype: str = "auto",
+    fault_marker: str | None = None,
+) -> RolloutSummary:
+    """Generate for every problem on a Ray Data actor pool; write Parquet to ``output_uri``.
+
+    ``model_path`` is a local model folder or an fsspec URL (each actor copies it to its
+    node's cache). ``max_new_tokens`` / ``max_rounds`` default to ``cfg``'s. Existing
+    contents of ``output_uri`` are replaced. Raises :class:`RolloutError` if any problem
+    is missing or duplicated in the output.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        raise RolloutError("Ray is not initialised: call ray.init() (or tripost_ray.rollout.init_ray) first")
+    items = _problem_items(problems)
+    output_uri = storage.normalize(output_uri)
+    storage.remove(output_uri)
+    if not items:
+        return _summary([], 0, 0.0, output_uri)
+    use_gpu = cfg.num_gpus_per_actor > 0
+    # Ray 2.60 deprecates **ray_remote_args but has no named parameter for actor restarts
+    # yet; its default is unlimited restarts, which turns a crash loop into a hang.
+    remote_args: dict[str, Any] = {"max_restarts": cfg.max_actor_restarts, "max_task_retries": cfg.max_actor_restarts}
+    n_blocks = max(1, -(-len(items) // cfg.batch_size))
+    ds = ray.data.from_items(items, override_num_blocks=n_blocks)
+    ds.context.wait_for_min_actors_s = cfg.wait_for_actors_s or -1
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = _map_generators(ds, cfg, remote_args, model_path, task_name, task_options, dict(
+            cache_dir=cache_dir or ModelConfig.model_fields["cache_dir"].default, dtype=dtype,
+            torch_threads=None if use_gpu else torch_threads_for(cfg), batch_size=cfg.batch_size,
+            max_new_tokens=max_new_tokens or cfg.max_new_tokens,
+            max_rounds=cfg.self_improve_rounds if max_rounds is None else max_rounds,
+            self_improve=self_improve, temperature=temperature, top_p=cfg.top_p, seed=seed, use_gpu=use_gpu,
+            fault_marker=fault_marker,
+        ))
+    t0 = time.perf_counter()
+    rows: list[dict] = []
+    for part, table in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
+        if table.num_rows == 0:
+            continue
+        table = table.select(ROLLOUT_SCHEMA.names).cast(ROLLOUT_SCHEMA)
+        batch_rows = table.to_pylist()
+        storage.write_table(storage.join(output_uri, f"part-{part:05d}.parquet"), batch_rows, schema=ROLLOUT_SCHEMA)
+        rows.extend(batch_rows)
+    wall = time.perf_counter() - t0
+    _check_exactly_once(items, rows)
+    return _summary(rows, len(items), wall, output_uri)
+
+
+def _map_generators(ds, cfg: RolloutConfig, remote_args: dict, model_path: str, task_name: str,
+                    task_options: dict | None, actor_kwargs: dict):
+    import ray
+
+    use_gpu = cfg.num_gpus_per_actor > 0
+    return ds.map_batches(
+        GeneratorActor,
+        fn_constructor_args=(model_path, task_name, task_options or {}),
+        fn_constructor_kwargs=actor_kwargs,
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors,
+                                           max_tasks_in_flight_per_actor=cfg.max_tasks_in_flight_per_actor),
+        num_gpus=cfg.num_gpus_per_actor if use_gpu else None,
+        num_cpus=cfg.num_cpus_per_actor,
+        resources=dict(cfg.resources_per_actor) or None,
+        **remote_args,
+    )
+
+
+def _check_exactly_once(items: list[dict], rows: list[dict]) -> None:
+    want = {i["problem_id"] for i in items}
+    got = [r["problem_id"] for r in rows]
+    missing = want - set(got)
+    dupes = {g for g in got if got.count(g) > 1} if len(got) != len(set(got)) else set()
+    if missing or dupes or len(got) != len(want):
+        raise RolloutError(f"rollout output is not exactly once: {len(missing)} missing (e.g. {sorted(missing)[:3]}), "
+                           f"{len(dupes)} duplicated (e.g. {sorted(dupes)[:3]})")
+
+
+def _summary(rows: list[dict], n_problems: int, wall: float, output_uri: str) -> RolloutSummary:
+    gen_tokens = sum(r["generated_tokens"] for r in rows)
+    reasons: dict[str, int] = {}
+    for r in rows:
+        reasons[r["stop_reason"]] = reasons.get(r["stop_reason"], 0) + 1
+    return RolloutSummary(
+        n_problems=n_problems, n_written=len(rows), n_correct=sum(bool(r["correct"]) for r in rows),
+        n_self_improved=sum(r["n_turns"] > 1 for r in rows),
+        prompt_tokens=sum(r["prompt_tokens"] for r in rows), generated_tokens=gen_tokens,
+        wall_time_s=wall, gen_time_s=sum(r["gen_time_s"] for r in rows),
+        tokens_per_s=gen_tokens / wall if wall > 0 else 0.0,
+        problems_per_s=len(rows) / wall if wall > 0 else 0.0,
+        n_actors_seen=len({r["actor_id"] for r in rows}), n_nodes_seen=len({r["node_id"] for r in rows}),
+        output_uri=output_uri, stop_reasons=reasons,
+    )
+
+
+def read_rollouts(output_uri: str) -> list[dict]:
+    """All rows of a rollout output, sorted by problem id."""
+    if not storage.exists(output_uri):
+        raise FileNotFoundError(f"no rollout output at {output_uri}")
+    return sorted(storage.read_table(output_uri), key=lambda r: r["problem_id"])
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, include_dashboard: bool = False) -> None:
+    """Join (``address``) or start a local Ray, unless one is already initialised."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address in (None, "local"):
+        ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    else:
+        ray.init(address=address)
