@@ -1,0 +1,266 @@
+"""``tripost submit``: unit tests of what goes into a request, and a real Ray job on a
+real head started with ``ray start --head`` (token authentication on, as Ray 2.60 does
+by default), followed to SUCCEEDED.
+
+The head is this test's own: it runs ``ray start --block`` in its own process group and
+temp dir, and is stopped by signalling that process only. ``ray stop`` is never used: it
+would stop every Ray process of the user, the test session's own cluster included.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tripost_ray.config import ConfigError
+from tripost_ray.submit import (
+    JOB_CONFIG_NAME,
+    SubmitError,
+    entrypoint,
+    ray_auth_headers,
+    runtime_env,
+    secret_env,
+    submit_job,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
+#: The reduced quickstart the submitted job runs (storage.path and run_name are added).
+REDUCED = [
+    "iterations=1",
+    "task.n_train=24",
+    "task.n_test_seen=8",
+    "task.n_test_unseen=8",
+    "sft.n_examples=24",
+    "sft.epochs=1",
+    "rollout.max_passes=1",
+    "train.epochs=1",
+    "postprocess.min_new_examples=0",
+    "ray.data_progress_bars=false",
+    "editing.progress=false",
+]
+
+
+# ------------------------------------------------------------------ unit tests
+
+
+def _config(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(body)
+    return path
+
+
+def test_secret_env_passes_only_present_secrets_including_a_configs_own_key_name(tmp_path, monkeypatch):
+    from tripost_ray.config import load_config
+
+    cfg = load_config(_config(tmp_path, "improve:\n  provider: openai\n  api_key_env: MY_IMP_KEY\n"))
+    for name in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "HF_TOKEN", "MY_IMP_KEY", "UNRELATED_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MY_IMP_KEY", "v1")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "v2")
+    monkeypatch.setenv("UNRELATED_SECRET", "v3")
+    monkeypatch.setenv("OPENAI_API_KEY", "")  # empty counts as absent
+    assert secret_env(cfg) == {"ANTHROPIC_API_KEY": "v2", "MY_IMP_KEY": "v1"}
+
+
+def test_entrypoint_and_runtime_env_name_files_not_secrets(tmp_path):
+    env = runtime_env(tmp_path, {"OPENAI_API_KEY": "s3cr3t-value"}, pip=["s3fs"])
+    assert "s3cr3t" not in entrypoint() and JOB_CONFIG_NAME in entrypoint()
+    assert env["working_dir"] == str(tmp_path) and env["pip"] == ["s3fs"]
+    assert Path(env["py_modules"][0]).name == "tripost_ray"
+    assert "pip" not in runtime_env(tmp_path, {})  # pip only when asked
+
+
+def test_ray_auth_headers(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert ray_auth_headers({"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": "t"}) == {}
+    assert ray_auth_headers({}) == {}
+    assert ray_auth_headers({"RAY_AUTH_TOKEN": "abc"}) == {"Authorization": "Bearer abc"}
+    (tmp_path / "tok").write_text("fromfile\n")
+    assert ray_auth_headers({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "tok")}) == {"Authorization": "Bearer fromfile"}
+    assert ray_auth_headers({"RAY_AUTH_MODE": "token"}) == {}  # no default token file yet
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("default")
+    assert ray_auth_headers({"RAY_AUTH_MODE": "token"}) == {"Authorization": "Bearer default"}
+    with pytest.raises(SubmitError, match="RAY_AUTH_TOKEN_PATH"):
+        ray_auth_headers({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
+
+
+def test_relative_storage_path_is_refused_before_contacting_the_cluster(tmp_path):
+    path = _config(tmp_path, "storage:\n  path: ./runs\n")
+    # Port 9 (discard) has no job server: reaching it would be a different error.
+    with pytest.raises(ConfigError, match="storage.path './runs' is relative"):
+        submit_job(path, "http://127.0.0.1:9")
+
+
+def test_bad_config_is_refused_before_contacting_the_cluster(tmp_path):
+    path = _config(tmp_path, "train:\n  zero_stage: 7\n")
+    with pytest.raises(ConfigError, match="train.zero_stage"):
+        submit_job(path, "http://127.0.0.1:9", ["storage.path=" + str(tmp_path)])
+
+
+def test_cli_submit_reports_an_unreachable_cluster_and_a_bad_config(tmp_path, capsys):
+    from tripost_ray import cli
+
+    path = _config(tmp_path, f"storage:\n  path: {tmp_path / 'runs'}\n")
+    assert cli.main(["submit", str(path), "--address", "http://127.0.0.1:9"]) == 2
+    assert "cannot reach the Ray job server at http://127.0.0.1:9" in capsys.readouterr().err
+    assert cli.main(["submit", str(path), "--address", "http://127.0.0.1:9", "-o", "train.epochs=-1"]) == 2
+    assert "train.epochs" in capsys.readouterr().err
+
+
+def test_cli_submit_flags_reach_submit_job(tmp_path, monkeypatch):
+    from tripost_ray import cli, submit
+
+    seen = {}
+
+    def record(config, address, overrides, wait, *, pip, pass_secrets):
+        seen.update(config=config, address=address, overrides=overrides, wait=wait, pip=pip, pass_secrets=pass_secrets)
+        return "id-1", "FAILED"
+
+    monkeypatch.setattr(submit, "submit_job", record)
+    rc = cli.main(["submit", "c.yaml", "--address", "http://h:8265", "-o", "a.b=1", "--runtime-env-pip", "s3fs",
+                   "--runtime-env-pip", "gcsfs", "--no-secrets"])
+    assert rc == 1  # a FAILED job is a failing exit code
+    assert seen == {"config": "c.yaml", "address": "http://h:8265", "overrides": ["a.b=1"], "wait": True,
+                    "pip": ["s3fs", "gcsfs"], "pass_secrets": False}
+    monkeypatch.setattr(submit, "submit_job", lambda *a, **k: ("id-2", "PENDING"))
+    assert cli.main(["submit", "c.yaml", "--address", "http://h:8265", "--no-wait"]) == 0
+
+
+# ----------------------------------------------------------- a real Ray head
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _files_containing(root: Path, needle: str) -> list[Path]:
+    hits = []
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_socket():
+            try:
+                if needle.encode() in p.read_bytes():
+                    hits.append(p)
+            except OSError:
+                continue
+    return hits
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A real head: ``ray start --head --block`` on 127.0.0.1 with token auth, its own
+    ports and temp dir, the project venv first on PATH (the job's ``python``), and no
+    API key in its environment (a job gets keys only from the submission)."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="trs"))  # short: unix socket paths are limited
+    port, dash, agent, client = (_free_port() for _ in range(4))
+    token = secrets.token_hex(16)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "HF_TOKEN", "RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
+    env.update(PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"],
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, TOKENIZERS_PARALLELISM="false")
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+           "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=2",
+           f"--temp-dir={temp_dir}", f"--dashboard-agent-listen-port={agent}",
+           f"--ray-client-server-port={client}"]
+    log = open(temp_dir / "head.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        _wait_for_job_server(address, token, proc, temp_dir)
+        yield {"address": address, "token": token, "temp_dir": temp_dir, "pid": proc.pid}
+    finally:
+        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its own node's processes
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_job_server(address: str, token: str, proc: subprocess.Popen, temp_dir: Path) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + 240
+    last = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError("ray start --head exited:\n" + (temp_dir / "head.log").read_text()[-3000:])
+        try:
+            JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"}).list_jobs()
+            return
+        except (ConnectionError, RuntimeError) as err:
+            last = err
+            time.sleep(2)
+    raise AssertionError(f"the job server at {address} did not come up: {last}")
+
+
+@pytest.mark.integration
+def test_submit_without_the_token_is_refused_with_a_clear_error(ray_head, tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
+    path = _config(tmp_path, "run_name: refused\n")
+    with pytest.raises(SubmitError, match="refused the request .*set RAY_AUTH_TOKEN"):
+        submit_job(path, ray_head["address"], ["storage.path=" + str(tmp_path / "runs")], wait=False)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_submit_reduced_quickstart_to_a_real_head(ray_head, tmp_path, monkeypatch):
+    from ray.job_submission import JobSubmissionClient
+
+    assert QUICKSTART.is_file(), f"{QUICKSTART} is missing: the submit test runs the quickstart job"
+    secret = "tripost-test-secret-" + secrets.token_hex(12)
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", ray_head["token"])
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    storage = tmp_path / "runs"
+    stage = tmp_path / "stage"
+    logs = io.StringIO()
+    overrides = REDUCED + [f"storage.path={storage}", "run_name=submitted"]
+
+    submission_id, status = submit_job(QUICKSTART, ray_head["address"], overrides, wait=True,
+                                       stage_dir=stage, log_stream=logs, timeout_s=1200)
+    out = logs.getvalue()
+    assert status == "SUCCEEDED", out[-5000:]
+
+    # The secret reached the job (the driver reports names only) ...
+    assert "[tripost job] secrets in the environment: OPENAI_API_KEY" in out
+    # ... and the job's outputs are in the storage the submitter named.
+    run = storage / "submitted"
+    assert (run / "config.yaml").is_file() and (run / "report.json").is_file(), sorted(run.rglob("*"))
+    report = json.loads((run / "report.json").read_text())
+    assert report, "empty report"
+
+    # The secret's value is in no file the submitter wrote or uploaded, not in the logs,
+    # the run's outputs, the entrypoint or the job's metadata.
+    assert secret not in out
+    assert (stage / JOB_CONFIG_NAME).is_file()
+    assert _files_containing(stage, secret) == []
+    assert _files_containing(ROOT / "tripost_ray", secret) == []
+    assert _files_containing(run, secret) == []
+    info = JobSubmissionClient(ray_head["address"],
+                               headers={"Authorization": f"Bearer {ray_head['token']}"}).get_job_info(submission_id)
+    assert secret not in info.entrypoint and secret not in json.dumps(info.metadata or {})
+    # On the cluster, Ray itself records a job's runtime_env (env_vars included) in its
+    # runtime-env agent log (ray-project/ray#39502); nowhere else may hold the value.
+    leaked = {p.name for p in _files_containing(ray_head["temp_dir"], secret)}
+    assert leaked <= {"runtime_env_agent.log"}, leaked

@@ -1,0 +1,263 @@
+"""``tripost submit``: run a TriPosT job on a Ray cluster as a Ray job.
+
+What is sent (``ray job submit`` semantics, through the Ray Jobs REST API):
+
+* the job config, resolved and validated here first, as ``job.yaml`` in a small
+  working dir of its own (so a bad field fails before anything is uploaded, and the
+  cluster runs exactly the config that was checked);
+* this package as a ``py_modules`` entry, so the cluster runs the submitter's code;
+  pip requirements only when asked (a cluster image normally has them installed);
+* the secrets present in the submitter's environment (the LLM keys a config names, plus
+  OPENAI_API_KEY / ANTHROPIC_API_KEY / HF_TOKEN) as ``runtime_env.env_vars`` of the
+  request. They are never written to a file here: not into ``job.yaml`` (a config holds
+  only variable *names*), not into the entrypoint, not into the job's metadata.
+
+Known limit of Ray itself (ray-project/ray#39502): the cluster keeps a job's runtime_env,
+env_vars included, in its job table (visible to anyone who can read the dashboard /
+Jobs API) and its ``runtime_env_agent.log`` records it. On a shared cluster prefer
+cluster-side secrets (KubeRay secretKeyRef, the launcher's secret-store helper, see
+docs/DEPLOY.md) and submit with ``pass_secrets=False`` (``--no-secrets``).
+
+Ray 2.60 token authentication: the token is sent as a bearer header when
+``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH`` is set, or when ``RAY_AUTH_MODE=token``
+and Ray's default token file (``~/.ray/auth_token``) exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import TextIO
+
+from tripost_ray.config import ConfigError, JobConfig, load_config
+
+#: Secrets forwarded whenever the submitter has them (plus each provider's api_key_env).
+SECRET_ENV_NAMES = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "HF_TOKEN")
+#: The job's config inside its working dir.
+JOB_CONFIG_NAME = "job.yaml"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_EXCLUDES = ["__pycache__", "*.pyc", "*.egg-info"]
+
+
+class SubmitError(RuntimeError):
+    """The job could not be submitted or followed; the message says what to do."""
+
+
+# ---------------------------------------------------------------- secrets, auth
+
+
+def secret_env_names(cfg: JobConfig) -> list[str]:
+    """Names of the environment variables whose values a job may need on the cluster."""
+    from tripost_ray.feedback.providers import key_env
+
+    names = set(SECRET_ENV_NAMES)
+    names.update(n for n in (key_env(cfg.feedback), key_env(cfg.improve)) if n)
+    return sorted(names)
+
+
+def secret_env(cfg: JobConfig, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The secrets present in ``environ`` (default: this process's), by name."""
+    environ = os.environ if environ is None else environ
+    return {n: environ[n] for n in secret_env_names(cfg) if environ.get(n)}
+
+
+def ray_auth_headers(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The bearer header for a token-authenticated Ray 2.60 cluster, or ``{}``.
+
+    Passed explicitly to the client so the token that is used is the one the
+    environment names, not whatever Ray's own default token file holds.
+    """
+    environ = os.environ if environ is None else environ
+    mode = environ.get("RAY_AUTH_MODE", "").lower()
+    if mode == "disabled":
+        return {}
+    token = environ.get("RAY_AUTH_TOKEN", "").strip()
+    path = environ.get("RAY_AUTH_TOKEN_PATH")
+    if not token and path:
+        try:
+            token = Path(path).expanduser().read_text().strip()
+        except OSError as err:
+            raise SubmitError(f"RAY_AUTH_TOKEN_PATH={path} cannot be read ({err.strerror})") from None
+    if not token and mode == "token":
+        default = Path.home() / ".ray" / "auth_token"
+        if default.is_file():
+            token = default.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+# ------------------------------------------------------------------ the request
+
+
+def runtime_env(work_dir: Path, env_vars: dict[str, str], pip: list[str] | None = None) -> dict:
+    """The job's runtime_env: its own working dir, this package, optional pip, secrets."""
+    env: dict = {
+        "working_dir": str(work_dir),
+        "py_modules": [str(PACKAGE_DIR)],
+        "excludes": list(_PACKAGE_EXCLUDES),
+        "env_vars": {"TOKENIZERS_PARALLELISM": "false", **env_vars},
+    }
+    if pip:
+        env["pip"] = list(pip)
+    return env
+
+
+def entrypoint(force: bool = False) -> str:
+    """The job's shell command: the job driver of this module on ``job.yaml``."""
+    cmd = ["python", "-m", "tripost_ray.submit", "--driver", JOB_CONFIG_NAME]
+    if force:
+        cmd.append("--force")
+    return shlex.join(cmd)
+
+
+def _check_storage(cfg: JobConfig) -> None:
+    path = cfg.storage.path
+    if "://" not in path and not Path(path).expanduser().is_absolute():
+        raise ConfigError(
+            f"storage.path {path!r} is relative: on the cluster it would land inside the job's temporary "
+            "working dir and be lost; pass -o storage.path=s3://bucket/runs (or gs://..., or an absolute path "
+            "on a filesystem the cluster shares)"
+        )
+
+
+def submit_job(
+    config_path: str | Path,
+    address: str,
+    overrides: list[str] | None = None,
+    wait: bool = True,
+    *,
+    pip: list[str] | None = None,
+    pass_secrets: bool = True,
+    force: bool = False,
+    stage_dir: str | Path | None = None,
+    log_stream: TextIO | None = None,
+    timeout_s: float | None = None,
+    poll_s: float = 2.0,
+) -> tuple[str, str]:
+    """Submit a job config to the Ray cluster at ``address``; returns (submission_id, status).
+
+    ``wait``: follow the job's logs to ``log_stream`` (default stdout) until it ends, and
+    return its final status; otherwise return right after submission. ``stage_dir``: where
+    the job's working dir is built (default: a temporary dir removed after upload).
+    ``timeout_s``: give up waiting (the job keeps running) with a :class:`SubmitError`.
+    """
+    from ray.exceptions import AuthenticationError
+
+    cfg = load_config(config_path, overrides)
+    _check_storage(cfg)
+    env_vars = secret_env(cfg) if pass_secrets else {}
+    client = _client(address)
+    submission_id = f"tripost-{cfg.run_name}-{uuid.uuid4().hex[:8]}"
+    with tempfile.TemporaryDirectory(prefix="tripost-submit-") as tmp:
+        work = Path(stage_dir) if stage_dir is not None else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        (work / JOB_CONFIG_NAME).write_text(cfg.to_yaml())
+        try:
+            client.submit_job(
+                entrypoint=entrypoint(force),
+                runtime_env=runtime_env(work, env_vars, pip),
+                submission_id=submission_id,
+                metadata={"tripost_run_name": cfg.run_name, "tripost_config": str(config_path)},
+            )
+        except AuthenticationError as err:
+            raise SubmitError(_auth_help(address, err)) from None
+    out = log_stream or sys.stdout
+    print(f"submitted {submission_id} to {address} (secrets passed: {', '.join(sorted(env_vars)) or 'none'})",
+          file=out, flush=True)
+    if not wait:
+        return submission_id, str(client.get_job_status(submission_id).value)
+    return submission_id, follow_job(client, submission_id, out, timeout_s=timeout_s, poll_s=poll_s)
+
+
+def _auth_help(address: str, err: Exception) -> str:
+    first = str(err).splitlines()[0]
+    return (f"the Ray job server at {address} refused the request ({first}): the cluster uses Ray token "
+            "authentication; set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token")
+
+
+def _client(address: str):
+    """A Jobs API client with this environment's Ray auth token, or a clear error."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address, headers=ray_auth_headers())
+    except AuthenticationError as err:
+        raise SubmitError(_auth_help(address, err)) from None
+    except (ConnectionError, RuntimeError) as err:
+        raise SubmitError(f"cannot reach the Ray job server at {address} ({err})") from None
+
+
+def follow_job(client, submission_id: str, out: TextIO, *, timeout_s: float | None = None,
+               poll_s: float = 2.0) -> str:
+    """Stream a job's logs to ``out`` until it ends; returns its final status."""
+    import aiohttp
+
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(submission_id):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        asyncio.run(asyncio.wait_for(tail(), timeout=timeout_s))
+    except asyncio.TimeoutError:
+        raise SubmitError(f"job {submission_id} still running after {timeout_s} s (it keeps running)") from None
+    except (OSError, aiohttp.ClientError, RuntimeError) as err:  # the stream broke: poll the status instead
+        print(f"[tripost submit] log stream ended ({type(err).__name__}); polling the status", file=out)
+    while True:
+        status = str(client.get_job_status(submission_id).value)
+        if status in TERMINAL:
+            return status
+        if deadline is not None and time.monotonic() > deadline:
+            raise SubmitError(f"job {submission_id} still {status} after {timeout_s} s (it keeps running)")
+        time.sleep(poll_s)
+
+
+# ------------------------------------------------------------------------- CLI
+
+
+def main_submit(args) -> int:
+    """``tripost submit CONFIG --address URL [-o key=value ...] [--no-wait]
+    [--runtime-env-pip REQ ...] [--no-secrets]``; exit code 0 only for SUCCEEDED."""
+    try:
+        submission_id, status = submit_job(
+            args.config, args.address, args.override, wait=not args.no_wait,
+            pip=args.runtime_env_pip or None, pass_secrets=not args.no_secrets,
+        )
+    except SubmitError as err:
+        print(f"tripost submit: {err}", file=sys.stderr)
+        return 2
+    print(f"{submission_id}: {status}")
+    if args.no_wait:
+        print(f"follow it with: ray job logs --address {args.address} --follow {submission_id}")
+        return 0
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _driver(argv: list[str]) -> int:
+    """The job's entrypoint on the cluster: report which secrets arrived (names only),
+    then run the config like ``tripost run``."""
+    import argparse
+
+    from tripost_ray import cli
+
+    parser = argparse.ArgumentParser(prog="python -m tripost_ray.submit")
+    parser.add_argument("--driver", required=True, metavar="CONFIG")
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.driver)
+    present = [n for n in secret_env_names(cfg) if os.environ.get(n)]
+    print(f"[tripost job] secrets in the environment: {', '.join(present) or 'none'} (values not shown)", flush=True)
+    return cli.main(["run", args.driver] + (["--force"] if args.force else []))
+
+
+if __name__ == "__main__":
+    sys.exit(_driver(sys.argv[1:]))
