@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--address", required=True, help="Ray dashboard / job server address, e.g. http://127.0.0.1:8265")
     sb.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
     sb.add_argument("--no-wait", action="store_true", help="return after submission instead of following the logs")
+    sb.add_argument("--runtime-env-pip", action="append", default=[], metavar="REQUIREMENT",
+                    help="pip requirement installed in the job's runtime env (repeatable; default: none, "
+                         "the cluster image has the dependencies)")
+    sb.add_argument("--no-secrets", action="store_true",
+                    help="do not pass API keys from this environment (the cluster provides its own)")
     return parser
 
 
