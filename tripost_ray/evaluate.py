@@ -1,0 +1,165 @@
+"""Evaluation: accuracy and the self-improvement metrics of TRIPOST.md, and ``tripost eval``.
+
+:func:`compute_metrics` is pure: it reads rollout records (``split``, ``correct``,
+``first_correct``, ``n_turns``). :func:`evaluate_model` produces those records with greedy
+self-improving inference through the Ray Data rollout stage.
+
+Metrics (``None`` where a denominator is zero):
+
+* ``accuracy.{seen,unseen,total}``: final answer correct. ``seen`` is the ``test_seen``
+  (and ``train``) split, ``unseen`` the ``test_unseen`` split.
+* ``self_improvement.attempt_rate``: share of questions where the model attempted
+  self-improvement (more than one attempt).
+* ``self_improvement.fixed_rate``: of those, the share whose final answer is correct.
+* ``self_improvement.broken_correct_rate``: of those, the share whose first attempt was
+  correct but whose final answer is wrong (a correct answer changed into a wrong one).
+  ``n_*`` fields hold the counts behind every rate.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from typing import Any
+
+from tripost_ray.config import EvalConfig, JobConfig, RolloutConfig
+
+SEEN_SPLITS = ("train", "test_seen")
+UNSEEN_SPLITS = ("test_unseen",)
+REQUIRED = ("split", "correct", "first_correct", "n_turns")
+
+
+def _rate(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def compute_metrics(records: list[dict]) -> dict[str, Any]:
+    """Accuracy (seen / unseen / total) and self-improvement metrics of rollout records."""
+    for i, r in enumerate(records):
+        missing = [k for k in REQUIRED if k not in r]
+        if missing:
+            raise ValueError(f"record {i} ({r.get('problem_id', '?')}) lacks {missing}")
+        if r["split"] not in SEEN_SPLITS + UNSEEN_SPLITS:
+            raise ValueError(f"record {i} ({r.get('problem_id', '?')}) has unknown split {r['split']!r}")
+    groups = {
+        "seen": [r for r in records if r["split"] in SEEN_SPLITS],
+        "unseen": [r for r in records if r["split"] in UNSEEN_SPLITS],
+        "total": list(records),
+    }
+    n = {k: len(v) for k, v in groups.items()}
+    n_correct = {k: sum(bool(r["correct"]) for r in v) for k, v in groups.items()}
+    attempted = [r for r in records if int(r["n_turns"]) > 1]
+    fixed = [r for r in attempted if r["correct"]]
+    broken = [r for r in attempted if r["first_correct"] and not r["correct"]]
+    repaired = [r for r in attempted if not r["first_correct"] and r["correct"]]
+    return {
+        "n": n,
+        "n_correct": n_correct,
+        "accuracy": {k: _rate(n_correct[k], n[k]) for k in groups},
+        "self_improvement": {
+            "n_attempted": len(attempted),
+            "attempt_rate": _rate(len(attempted), n["total"]),
+            "n_fixed": len(fixed),
+            "fixed_rate": _rate(len(fixed), len(attempted)),
+            "n_broken_correct": len(broken),
+            "broken_correct_rate": _rate(len(broken), len(attempted)),
+            "n_wrong_to_correct": len(repaired),
+        },
+    }
+
+
+def evaluate_model(
+    model_path: str,
+    task_name: str,
+    problems: list,
+    cfg: JobConfig | tuple[EvalConfig, RolloutConfig],
+    output_uri: str | None = None,
+    task_options: dict | None = None,
+) -> dict[str, Any]:
+    """Greedy self-improving inference on ``problems`` through the rollout stage; metrics.
+
+    The actor pool comes from the rollout config; batch size, token limit and round
+    limit from the eval config. Outputs go to ``output_uri`` (Parquet) or a temporary
+    folder that is removed afterwards. Returns :func:`compute_metrics` plus ``rollout``
+    (counts, tokens, throughput).
+    """
+    from tripost_ray.rollout import read_rollouts, run_rollouts
+
+    if isinstance(cfg, JobConfig):
+        ev, ro = cfg.eval, cfg.rollout
+        task_options = cfg.task.difficulty if task_options is None else task_options
+    else:
+        ev, ro = cfg
+    ro = ro.model_copy(update={"batch_size": ev.batch_size})
+
+    def run(out: str) -> dict[str, Any]:
+        summary = run_rollouts(problems, model_path, task_name, ro, out, self_improve=ev.self_improve_rounds > 0,
+                               temperature=0.0, seed=ro.seed, task_options=task_options,
+                               max_new_tokens=ev.max_new_tokens, max_rounds=ev.self_improve_rounds)
+        metrics = compute_metrics(read_rollouts(out))
+        metrics["rollout"] = summary.to_dict()
+        return metrics
+
+    if output_uri is not None:
+        return run(output_uri)
+    with tempfile.TemporaryDirectory(prefix="tripost-eval-") as tmp:
+        metrics = run(tmp)
+        metrics["rollout"]["output_uri"] = None
+        return metrics
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """A short table of accuracy and self-improvement metrics."""
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    acc, si, n = metrics["accuracy"], metrics["self_improvement"], metrics["n"]
+    rows = [
+        ("accuracy seen", pct(acc["seen"]), f"{metrics['n_correct']['seen']}/{n['seen']}"),
+        ("accuracy unseen", pct(acc["unseen"]), f"{metrics['n_correct']['unseen']}/{n['unseen']}"),
+        ("accuracy total", pct(acc["total"]), f"{metrics['n_correct']['total']}/{n['total']}"),
+        ("SI attempted", pct(si["attempt_rate"]), f"{si['n_attempted']}/{n['total']}"),
+        ("SI ended correct", pct(si["fixed_rate"]), f"{si['n_fixed']}/{si['n_attempted']}"),
+        ("correct -> wrong", pct(si["broken_correct_rate"]), f"{si['n_broken_correct']}/{si['n_attempted']}"),
+    ]
+    w = max(len(r[0]) for r in rows)
+    return "\n".join(f"{a:<{w}}  {b:>7}  {c}" for a, b, c in rows)
+
+
+def main_eval(args) -> int:
+    """``tripost eval --model PATH --task NAME [--problems FILE] --out FILE.json [-o k=v]``."""
+    from tripost_ray import storage
+    from tripost_ray.config import load_config
+    from tripost_ray.models import ModelSourceError, resolve_model_source
+    from tripost_ray.rollout import init_ray
+    from tripost_ray.tasks import ProblemFormatError, UnknownTaskError, get_task, load_problems
+
+    cfg = load_config(None, list(args.override) + [f"task.name={args.task}"])  # ConfigError: the CLI reports it
+    try:
+        task = get_task(args.task, **cfg.task.difficulty)
+        if args.problems:
+            problems = load_problems(task, args.problems)
+        else:
+            problems = (task.generate(cfg.task.n_test_seen, "test_seen", seed=cfg.task.seed)
+                        + task.generate(cfg.task.n_test_unseen, "test_unseen", seed=cfg.task.seed))
+        model = resolve_model_source(args.model, cfg.model.cache_dir)
+    except (UnknownTaskError, ProblemFormatError, ModelSourceError) as err:
+        print(f"tripost eval: {err}", file=sys.stderr)
+        return 2
+    if not problems:
+        print(f"tripost eval: no problems to evaluate ({args.problems or 'generated test splits'})", file=sys.stderr)
+        return 2
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.include_dashboard)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = cfg.ray.data_progress_bars
+    if cfg.ray.no_progress_timeout_s:
+        ctx.execution_no_progress_timeout_s = cfg.ray.no_progress_timeout_s
+    metrics = evaluate_model(model, task.name, problems, cfg)
+    metrics["model"] = args.model
+    metrics["task"] = task.name
+    metrics["problems"] = args.problems or "generated test splits"
+    storage.write_json(args.out, metrics)
+    print(f"{task.name}: {len(problems)} problems, model {args.model}")
+    print(format_metrics(metrics))
+    print(f"metrics written to {args.out}")
+    return 0
