@@ -9,6 +9,7 @@ copied into the project; when they are missing these tests fail and say where to
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import re
@@ -39,6 +40,7 @@ LITERAL_KEY = re.compile(r"(sk-[A-Za-z0-9_-]{16,}|sk-ant-[A-Za-z0-9_-]{8,}|hf_[A
 # ------------------------------------------------------------------ schemas
 
 
+@functools.lru_cache(maxsize=None)
 def ray_cluster_schema() -> dict:
     """The cluster-launcher schema that ships inside the installed ray package."""
     import ray
@@ -74,6 +76,15 @@ def _openapi_to_jsonschema(node):
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _crds() -> list[tuple[Path, dict]]:
+    """The CustomResourceDefinitions in CRD_DIR (parsed once; they are megabytes of YAML)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    docs = [(f, yaml.load(f.read_text(), Loader=loader)) for f in sorted(CRD_DIR.glob("*.yaml"))]
+    return [(f, d) for f, d in docs if isinstance(d, dict) and d.get("kind") == "CustomResourceDefinition"]
+
+
+@functools.lru_cache(maxsize=None)
 def crd_validator(kind: str, api_version: str) -> jsonschema.Validator:
     """A validator for ``kind`` at ``api_version`` from the published KubeRay CRDs."""
     assert CRD_DIR.is_dir(), (
@@ -82,10 +93,7 @@ def crd_validator(kind: str, api_version: str) -> jsonschema.Validator:
         "ray-operator/config/crd/bases/) in shared/data/kuberay-crds/ next to the repository"
     )
     group, version = api_version.split("/")
-    for f in sorted(CRD_DIR.glob("*.yaml")):
-        crd = yaml.safe_load(f.read_text())
-        if not isinstance(crd, dict) or crd.get("kind") != "CustomResourceDefinition":
-            continue
+    for f, crd in _crds():
         spec = crd["spec"]
         if spec["group"] != group or spec["names"]["kind"] != kind:
             continue

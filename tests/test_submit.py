@@ -62,6 +62,13 @@ def _config(tmp_path: Path, body: str) -> Path:
     return path
 
 
+def test_reduced_overrides_name_real_fields():
+    from tripost_ray.config import load_config
+
+    cfg = load_config(None, REDUCED + ["teacher.port=8124"])
+    assert (cfg.iterations, cfg.task.n_train, cfg.train.epochs) == (1, 24, 1)
+
+
 def test_secret_env_passes_only_present_secrets_including_a_configs_own_key_name(tmp_path, monkeypatch):
     from tripost_ray.config import load_config
 
@@ -235,7 +242,7 @@ def test_submit_reduced_quickstart_to_a_real_head(ray_head, tmp_path, monkeypatc
     storage = tmp_path / "runs"
     stage = tmp_path / "stage"
     logs = io.StringIO()
-    overrides = REDUCED + [f"storage.path={storage}", "run_name=submitted"]
+    overrides = REDUCED + [f"storage.path={storage}", "run_name=submitted", f"teacher.port={_free_port()}"]
 
     submission_id, status = submit_job(QUICKSTART, ray_head["address"], overrides, wait=True,
                                        stage_dir=stage, log_stream=logs, timeout_s=1200)
