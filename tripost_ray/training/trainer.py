@@ -68,13 +68,20 @@ class RunExistsError(FileExistsError):
 
 @dataclass(frozen=True)
 class FailureInjection:
-    """Chaos hook for recovery tests and drills: SIGKILL rank ``rank``'s worker process right
-    after optimizer step ``step`` (1-based), once: ``marker`` (a local file) records that it
-    happened, so the restored attempt runs through."""
+    """Chaos hook for recovery tests and drills: SIGKILL rank ``rank``'s worker process
+    ``delay_s`` seconds after optimizer step ``step`` (1-based), once: ``marker`` (a local
+    file) records that it happened, so the restored attempt runs through.
+
+    Ray Train V2 registers a reported checkpoint when its controller next polls the
+    workers (every 2 s by default): a worker that dies sooner than that after a report can
+    take the newest checkpoint's registration with it, and the run restores from the one
+    before (still exact, just more steps redone). ``delay_s`` lets a test pin which
+    checkpoint is restored."""
 
     step: int
     marker: str
     rank: int = 0
+    delay_s: float = 0.0
 
 
 @dataclass
@@ -230,6 +237,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
             with open(fault["marker"], "w") as f:
                 f.write(f"killed rank {rank} after step {done}\n")
             log.warning("failure injection: killing rank %d (pid %d) after step %d", rank, os.getpid(), done)
+            time.sleep(fault["delay_s"])
             os.kill(os.getpid(), signal.SIGKILL)
 
     export_engine_model(engine, tokenizer, config["output_dir"], rank)
