@@ -36,7 +36,7 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from tripost_ray.config import ProviderConfig, RateLimitConfig
 
@@ -229,19 +229,32 @@ def limiter_name(cfg: ProviderConfig) -> str:
     return f"ratelimit/{cfg.provider}/{cfg.model}/{url}"
 
 
+_LIMITERS: dict[str, Any] = {}  # this process's handles: a non-detached actor lives while a handle does
+
+
 def get_limiter(cfg: ProviderConfig):
     """The cluster's limiter for this endpoint (created on first use), configured with ``cfg``.
 
-    A later job with other limits re-configures the same actor: the limits of an
-    endpoint are a property of the account, and the latest config is taken as the truth.
+    The driver keeps its handle for the rest of the job: a non-detached named actor is
+    reference-counted, so dropping the last handle between two editing runs would kill
+    it (and lose the pauses and windows it holds). A later job with other limits
+    re-configures the same actor: an endpoint's limits belong to the account, and the
+    latest config is taken as the truth.
     """
     actor_cls = ray.remote(num_cpus=0, max_concurrency=10_000)(_RateLimiter)
     lease_ttl_s = 2 * cfg.timeout_s + 30.0
     limits = cfg.rate_limit.model_dump()
-    handle = actor_cls.options(name=limiter_name(cfg), namespace=NAMESPACE, get_if_exists=True).remote(
-        limits, lease_ttl_s
-    )
+    name = limiter_name(cfg)
+    handle = _LIMITERS.get(name)
+    if handle is not None:
+        try:
+            ray.get(handle.configure.remote(limits, lease_ttl_s))
+            return handle
+        except ray.exceptions.RayActorError:  # killed (or its node died): make a new one
+            _LIMITERS.pop(name, None)
+    handle = actor_cls.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote(limits, lease_ttl_s)
     ray.get(handle.configure.remote(limits, lease_ttl_s))
+    _LIMITERS[name] = handle
     return handle
 
 

@@ -1,0 +1,226 @@
+"""The editing pool end to end on a real local Ray, with the real openai and anthropic SDKs
+talking HTTP to the project's Ray Serve teacher on 127.0.0.1.
+
+One Serve instance per module: a clean teacher per task, one with injected faults, one
+for the rate-limit measurement; all shut down at the end (``serve.shutdown()``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+
+import pytest
+
+from tripost_ray.config import build_config
+from tripost_ray.feedback.pool import read_failures, read_trajectories, run_editing
+from tripost_ray.feedback.providers import MissingCredentialsError
+from tripost_ray.feedback.synthetic import corrupted_rollouts
+from tripost_ray.outcomes import STATUSES
+from tripost_ray.serve.teacher import openai_base_url, start_teacher
+from tripost_ray.tasks import get_task
+from tripost_ray.trajectory import parse_feedback
+
+pytestmark = pytest.mark.integration
+
+KEY_ENV = "TRIPOST_TEST_TEACHER_KEY"
+KEY = "test-key-for-the-local-teacher"
+ARITH = "multistep_arithmetic"
+WORDS = "word_sorting"
+
+
+@pytest.fixture(scope="module")
+def teachers(ray_cluster):
+    from ray import serve
+
+    old = os.environ.get(KEY_ENV)
+    os.environ[KEY_ENV] = KEY
+    roots = {
+        "arith": start_teacher(ARITH, name="pool-arith", route_prefix="/pool-arith", api_key=KEY),
+        "words": start_teacher(WORDS, name="pool-words", route_prefix="/pool-words", api_key=KEY),
+        "faulty": start_teacher(
+            ARITH, name="pool-faulty", route_prefix="/pool-faulty", api_key=KEY,
+            faults="429=0.22,500=0.05,malformed=0.05,hang=0.04,hang_s=2.5,retry_after=0.05,seed=19",
+        ),
+        "limited": start_teacher(ARITH, name="pool-limited", route_prefix="/pool-limited", api_key=KEY),
+    }
+    yield roots
+    serve.shutdown()
+    if old is None:
+        os.environ.pop(KEY_ENV, None)
+    else:
+        os.environ[KEY_ENV] = old
+
+
+def stats(root: str) -> dict:
+    with urllib.request.urlopen(root + "/stats") as r:
+        return json.load(r)
+
+
+def requests_made(root: str) -> int:
+    return stats(root)["total"]
+
+
+def provider(kind: str, root: str, **over) -> dict:
+    base = openai_base_url(root) if kind == "openai" else root
+    if kind == "scripted":
+        return {"provider": "scripted"}
+    return {"provider": kind, "model": "tripost-teacher", "base_url": base, "api_key_env": KEY_ENV, **over}
+
+
+def job(fbk: dict, imp: dict, **editing):
+    return build_config({"feedback": fbk, "improve": imp,
+                         "editing": {"num_actors": 2, "concurrency_per_actor": 8, "progress": False, **editing}})
+
+
+def trajectories(out: str) -> list[dict]:
+    rows = []
+    for t in read_trajectories(out):
+        d = t.to_dict()
+        d["meta"].pop("cost_usd", None)
+        rows.append(d)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def scripted_reference(ray_cluster, tmp_path_factory):
+    """The in-process scripted path over the same rows (the truth the wire paths must match)."""
+    out = {}
+    for task_name, n in ((ARITH, 16), (WORDS, 8)):
+        rows = corrupted_rollouts(get_task(task_name), n, seed=11)
+        path = str(tmp_path_factory.mktemp("scripted") / task_name)
+        summary = run_editing(rows, task_name, job({"provider": "scripted"}, {"provider": "scripted"}), path,
+                              cache_uri=str(tmp_path_factory.mktemp("unused-cache")))
+        assert summary.http_requests == 0 and summary.trajectories > 0
+        out[task_name] = (rows, trajectories(path), summary)
+    return out
+
+
+@pytest.mark.parametrize("task_name,fbk_kind,imp_kind", [
+    (ARITH, "openai", "anthropic"),
+    (ARITH, "anthropic", "openai"),
+    (WORDS, "openai", "anthropic"),
+])
+def test_wire_formats_give_the_scripted_trajectories_and_a_rerun_is_free(
+    teachers, scripted_reference, tmp_path, task_name, fbk_kind, imp_kind
+):
+    rows, expected, scripted = scripted_reference[task_name]
+    root = teachers["arith" if task_name == ARITH else "words"]
+    cfg = job(provider(fbk_kind, root), provider(imp_kind, root), num_actors=1)
+    before = requests_made(root)
+    first = run_editing(rows, task_name, cfg, str(tmp_path / "a"), cache_uri=str(tmp_path / "cache"))
+    made = requests_made(root) - before
+    assert trajectories(str(tmp_path / "a")) == expected
+    assert first.kinds == scripted.kinds and first.calls == scripted.calls
+    llm_calls = sum(sum(c.values()) for c in first.calls.values())
+    assert made == first.http_requests == llm_calls > 0  # no faults: one request per call
+    assert first.cache_misses == llm_calls and first.cache_hits == 0
+    usage = first.usage[f"{fbk_kind}/tripost-teacher"]
+    assert usage["input_tokens"] > 0 and usage["output_tokens"] > 0
+
+    second = run_editing(rows, task_name, cfg, str(tmp_path / "b"), cache_uri=str(tmp_path / "cache"))
+    assert requests_made(root) - before == made  # zero HTTP requests the second time
+    assert second.http_requests == 0 and second.cache_hits == llm_calls and second.cache_misses == 0
+    assert trajectories(str(tmp_path / "b")) == expected
+
+
+def test_faults_end_as_ok_or_typed_failures_and_never_reach_trajectories(teachers, scripted_reference, tmp_path):
+    rows, expected, scripted = scripted_reference[ARITH]
+    root = teachers["faulty"]
+    cfg = job(provider("openai", root, timeout_s=1.0, backoff_base_s=0.05, backoff_max_s=0.4),
+              provider("anthropic", root, timeout_s=1.0, backoff_base_s=0.05, backoff_max_s=0.4))
+    before = stats(root)
+    summary = run_editing(rows, ARITH, cfg, str(tmp_path / "out"), cache_uri=str(tmp_path / "cache"))
+    after = stats(root)
+    new_events = after["events"][len(before["events"]):]
+    faults = [e[3] for e in new_events]
+    assert faults.count("429") >= 0.1 * len(faults) and "500" in faults and "malformed" in faults
+    assert "hang" in faults
+    assert summary.http_requests == len(new_events)  # every HTTP request is accounted for by an outcome
+
+    for role_counts in summary.calls.values():
+        assert set(role_counts) <= set(STATUSES)
+    by_id = {t["problem_id"]: t for t in expected}
+    kept = trajectories(str(tmp_path / "out"))
+    for t in kept:  # nothing a fault produced became data: each kept one is the scripted one
+        assert t == by_id[t["problem_id"]]
+        assert parse_feedback(t["turns"][-1]["feedback"]).is_correct
+    failures = read_failures(str(tmp_path / "out"))
+    assert len(kept) + len(failures) == len(rows)
+    for f in failures:
+        assert f["status"] in STATUSES or f["status"] == "discarded"
+        assert f["reason"] and f["detail"]
+    # retries succeed where they should: with <= 35% faults and 4 retries nearly all rows survive
+    assert len(kept) >= len(expected) - 2
+    assert summary.calls["fbk"].get("ok", 0) > 0 and summary.calls["imp"].get("ok", 0) > 0
+
+
+def test_rpm_limit_holds_across_actors_per_the_servers_log(teachers, tmp_path):
+    root = teachers["limited"]
+    rpm = 480.0  # 8 requests/s, smooth (burst 1)
+    limit = {"rate_limit": {"requests_per_minute": rpm}}
+    rows = corrupted_rollouts(get_task(ARITH), 14, seed=23, correct_every=0)
+    cfg = job(provider("openai", root, **limit), provider("openai", root, **limit), num_actors=3,
+              concurrency_per_actor=8)
+    urllib.request.urlopen(urllib.request.Request(root + "/stats/reset", method="POST")).close()
+    cfg.editing.cache = False
+    summary = run_editing(rows, ARITH, cfg, str(tmp_path / "out"))
+    times = sorted(e[0] for e in stats(root)["events"])
+    assert len(times) == summary.http_requests >= 30
+    # The limiter spaces *leases* exactly 60/RPM apart; the server stamps *arrivals*, which
+    # a busy event loop or the Serve proxy hop can delay by tens of milliseconds. So a
+    # window may hold one request more than its share (a late one next to an on-time one),
+    # and the whole run's span may be short by one such delay, never more.
+    interval = 60.0 / rpm
+    jitter_s = 0.15
+    for window in (1.0, 2.0, 4.0):
+        j = 0
+        for i in range(len(times)):
+            while times[i] - times[j] > window:
+                j += 1
+            assert i - j + 1 <= window / interval + 2, f"{i - j + 1} requests within {window} s"
+    span = times[-1] - times[0]
+    assert span >= (len(times) - 1) * interval - jitter_s
+    assert (len(times) - 1) / span >= 0.6 * rpm / 60  # and the limiter is not needlessly slow
+
+
+def test_budget_stops_calls_cleanly_and_a_rerun_pays_only_for_what_is_missing(teachers, scripted_reference, tmp_path):
+    rows, expected, scripted = scripted_reference[ARITH]
+    root = teachers["arith"]
+    prices = {"tripost-teacher": {"input_per_mtok": 100.0, "output_per_mtok": 100.0}}
+    fbk, imp = provider("openai", root, max_tokens=400), provider("openai", root, max_tokens=400)
+    llm_calls = sum(sum(c.values()) for c in scripted.calls.values())
+    cache = str(tmp_path / "cache")
+
+    before = requests_made(root)
+    capped = job(fbk, imp, max_usd=1.5, prices=prices)
+    first = run_editing(rows, ARITH, capped, str(tmp_path / "first"), cache_uri=cache)
+    paid_first = requests_made(root) - before
+    assert first.cost_usd <= 1.5
+    over = sum(c.get("over_budget", 0) for c in first.calls.values())
+    assert over > 0 and first.discard_reasons.get("fbk_over_budget", 0) + first.discard_reasons.get(
+        "imp_over_budget", 0) > 0
+    assert all(f["status"] == "over_budget" for f in read_failures(str(tmp_path / "first")) if "over_budget" in f["reason"])
+    by_id = {t["problem_id"]: t for t in expected}
+    for t in trajectories(str(tmp_path / "first")):
+        assert t == by_id[t["problem_id"]]
+    ok_first = sum(c.get("ok", 0) for c in first.calls.values())
+    assert paid_first == first.http_requests == ok_first  # no faults: every request that went out succeeded
+
+    second = run_editing(rows, ARITH, job(fbk, imp, prices=prices), str(tmp_path / "second"), cache_uri=cache)
+    paid_second = requests_made(root) - before - paid_first
+    assert second.cache_hits == ok_first  # everything paid for the first time is reused ...
+    assert paid_second == second.http_requests == llm_calls - ok_first  # ... and only the rest is paid now
+    assert trajectories(str(tmp_path / "second")) == expected
+
+
+def test_missing_key_fails_before_any_work(teachers, tmp_path, monkeypatch):
+    root = teachers["arith"]
+    monkeypatch.delenv("TRIPOST_TEST_UNSET_KEY", raising=False)
+    cfg = job(provider("openai", root, api_key_env="TRIPOST_TEST_UNSET_KEY"), {"provider": "scripted"})
+    before = requests_made(root)
+    with pytest.raises(MissingCredentialsError, match="TRIPOST_TEST_UNSET_KEY"):
+        run_editing(corrupted_rollouts(get_task(ARITH), 4, seed=1), ARITH, cfg, str(tmp_path / "out"))
+    assert requests_made(root) == before
+    assert not (tmp_path / "out").exists()
