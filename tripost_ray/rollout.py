@@ -58,6 +58,8 @@ ROLLOUT_SCHEMA = pa.schema([
     ("seed", pa.int64()),
     ("node_id", pa.string()),
     ("actor_id", pa.string()),
+    ("batch_started_at", pa.float64()),  # unix time the actor began this problem's batch
+    ("batch_finished_at", pa.float64()),
 ])
 
 
@@ -138,7 +140,9 @@ class GeneratorActor:
             for pid, q, t, s, m in zip(batch["problem_id"], batch["question"], batch["target"], batch["split"],
                                        batch["meta_json"])
         ]
+        started = time.time()
         results = self_improving_inference(self.engine, self.task, problems, **self.kw)
+        finished = time.time()
         rows = []
         for p, r in zip(problems, results):
             rows.append({
@@ -151,6 +155,7 @@ class GeneratorActor:
                 "gen_time_s": r.gen_time_s, "self_improve": self.kw["self_improve"],
                 "temperature": float(self.kw["temperature"]), "seed": int(self.kw["seed"]),
                 "node_id": self.node_id, "actor_id": self.actor_id,
+                "batch_started_at": started, "batch_finished_at": finished,
             })
         return pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA)
 
