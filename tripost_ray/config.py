@@ -201,6 +201,7 @@ class EditingConfig(Section):
     prices: dict[str, Price] = Field(
         default_factory=lambda: {
             "scripted": Price(),
+            "tripost-teacher": Price(),  # the project's own teacher server: free
             "gpt-4o-mini": Price(input_per_mtok=0.15, output_per_mtok=0.60),
             "gpt-4o": Price(input_per_mtok=2.5, output_per_mtok=10.0),
             "claude-3-5-haiku-latest": Price(input_per_mtok=0.8, output_per_mtok=4.0),

@@ -27,7 +27,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from tripost_ray import storage
 from tripost_ray.config import JobConfig, load_config
@@ -36,6 +35,9 @@ from tripost_ray.tasks import Problem, Task, get_task, load_problems
 from tripost_ray.trajectory import TrainingExample, render_trajectory, Turn
 
 log = logging.getLogger("tripost")
+
+#: The environment variable that carries the key of the job's own teacher server.
+TEACHER_KEY_ENV = "TRIPOST_TEACHER_KEY"
 
 
 # ------------------------------------------------------------------------- ray
@@ -154,17 +156,25 @@ class Job:
         """Gold-rationale warm-up; returns (model, stage name)."""
         if self.cfg.sft.epochs <= 0:
             return model, "model_init"
-        from tripost_ray.training import train
-
         def body(url: str) -> dict:
-            result = train(
-                gold_sft_examples(self.task, probs.sft), model, storage.join(url, "model"), self.cfg.train,
-                run_name=f"{self.cfg.run_name}-sft", storage_path=self.run.url("ray_train"),
-                learning_rate=self.cfg.sft.learning_rate, epochs=self.cfg.sft.epochs,
-            )
-            return {"model": storage.join(url, "model"), "train": _result_dict(result)}
+            return self._train(url, "sft", gold_sft_examples(self.task, probs.sft), model,
+                               learning_rate=self.cfg.sft.learning_rate, epochs=self.cfg.sft.epochs)
 
         return self._stage("sft", ("sft", "train"), body, inputs=("model_init",))["model"], "sft"
+
+    def _train(self, url: str, stage: str, examples, model: str, **overrides) -> dict:
+        """Train into ``<url>/model``; the per-step history goes to ``<url>/history.json``.
+
+        The Ray Train run is named after the stage and its config hash: a stage killed
+        midway resumes its own checkpoints, while a changed config starts a fresh run.
+        """
+        from tripost_ray.training import train
+
+        run_name = f"{self.cfg.run_name}-{stage.replace('/', '-')}-{self.cfg.section_hash('train', 'sft')[:8]}"
+        result = train(examples, model, storage.join(url, "model"), self.cfg.train, run_name=run_name,
+                       storage_path=self.run.url("ray_train"), **overrides).to_dict()
+        storage.write_json(storage.join(url, "history.json"), result.pop("history"))
+        return {"model": storage.join(url, "model"), "train": result}
 
     def evaluate(self, t: int, model: str, probs: Problems, model_stage: str) -> dict:
         from tripost_ray.evaluate import evaluate_model
@@ -188,7 +198,7 @@ class Job:
                 self_improve=t > 1, temperature=self.cfg.rollout.temperature,
                 seed=self.cfg.rollout.seed + 1000 * t + p, task_options=self.cfg.task.difficulty,
             )
-            return {"data": out, "summary": _result_dict(summary)}
+            return {"data": out, "summary": summary.to_dict()}
 
         self._stage(name, ("rollout",), body, inputs=(model_stage, "problems"))
         return name
@@ -200,24 +210,22 @@ class Job:
 
         def body(url: str) -> dict:
             rows = storage.read_table(self.run.manifests[rollout_stage]["data"])
-            summary = run_editing(rows, self.cfg.task.name, self.cfg, url, cache_uri=self.run.url("cache"))
-            return {"trajectories": storage.join(url, "trajectories"), "summary": _result_dict(summary)}
+            summary = run_editing(rows, self.cfg.task.name, self.cfg, url, cache_uri=self.run.url("cache"),
+                                  task_options=self.cfg.task.difficulty)
+            print(summary.table())
+            return {"out": url, "summary": summary.to_dict()}
 
         self._stage(name, ("feedback", "improve", "editing"), body, inputs=(rollout_stage,))
         return name
 
     def postprocess(self, t: int, editing_stages: list[str], probs: Problems, model: str) -> str:
+        from tripost_ray.feedback.pool import read_trajectories
         from tripost_ray.postprocess import postprocess
-        from tripost_ray.trajectory import Trajectory
 
         name = f"iter_{t}/postprocess"
 
         def body(url: str) -> dict:
-            trajectories = [
-                Trajectory.from_dict(r)
-                for stage in editing_stages
-                for r in storage.read_table(self.run.manifests[stage]["trajectories"])
-            ]
+            trajectories = [t for stage in editing_stages for t in read_trajectories(self.run.manifests[stage]["out"])]
             gold = [(pr, self.task.gold_rationale(pr)) for pr in probs.train]
             count_tokens = _token_counter(model)
             result = postprocess(trajectories, gold, self.cfg.postprocess, self.cfg.train.feedback_weight,
@@ -231,20 +239,16 @@ class Job:
         return name
 
     def train_iteration(self, t: int, model: str, pp_stage: str, model_stage: str) -> str:
-        from tripost_ray.training import train
-
         name = f"iter_{t}/train"
 
         def body(url: str) -> dict:
-            result = train(self.run.manifests[pp_stage]["data"], model, storage.join(url, "model"), self.cfg.train,
-                           run_name=f"{self.cfg.run_name}-iter{t}", storage_path=self.run.url("ray_train"))
-            return {"model": storage.join(url, "model"), "train": _result_dict(result)}
+            return self._train(url, name, self.run.manifests[pp_stage]["data"], model)
 
         self._stage(name, ("train",), body, inputs=(pp_stage, model_stage))
         return name
 
     def usable_trajectories(self, editing_stages: list[str]) -> int:
-        return sum(int(self.run.manifests[s].get("summary", {}).get("kept", 0)) for s in editing_stages)
+        return sum(int(self.run.manifests[s]["summary"]["trajectories"]) for s in editing_stages)
 
 
 def _token_counter(model: str):
@@ -254,21 +258,6 @@ def _token_counter(model: str):
     with storage.local_copy_dir(model) as local:
         tok = AutoTokenizer.from_pretrained(local)
     return lambda text: len(tok(text)["input_ids"])
-
-
-def _result_dict(result: Any) -> dict:
-    """A JSON-able view of a stage's result object (dataclass, pydantic or dict)."""
-    import dataclasses
-
-    if result is None:
-        return {}
-    if dataclasses.is_dataclass(result):
-        return dataclasses.asdict(result)
-    if hasattr(result, "model_dump"):
-        return result.model_dump(mode="json")
-    if isinstance(result, dict):
-        return result
-    return {"value": str(result)}
 
 
 # --------------------------------------------------------------------- the job
@@ -301,7 +290,7 @@ def run_job(cfg: JobConfig, *, force: bool = False) -> dict:
                     break
             pp = job.postprocess(t, editing_stages, probs, model)
             n_examples = job.run.manifests[pp]["n_examples"]
-            if n_examples < cfg.postprocess.min_new_examples:
+            if n_examples == 0 or n_examples < cfg.postprocess.min_new_examples:
                 log.warning("iteration %d yielded %d examples (< postprocess.min_new_examples=%d): stopping early",
                             t, n_examples, cfg.postprocess.min_new_examples)
                 break
@@ -321,14 +310,20 @@ def _start_teacher_if_enabled(cfg: JobConfig):
     """Start the Serve teacher and point unset provider base_urls at it; returns a stopper."""
     if not cfg.teacher.enabled:
         return None
-    from tripost_ray.serve.teacher import start_teacher, stop_teacher
+    import secrets
 
-    base_url = start_teacher(cfg.task.name, host=cfg.teacher.host, port=cfg.teacher.port,
-                             latency_s=cfg.teacher.latency_s, faults=cfg.teacher.faults or None,
-                             task_options=cfg.task.difficulty)
+    from tripost_ray.serve.teacher import openai_base_url, start_teacher, stop_teacher
+
+    # A fresh key per invocation: the teacher checks it like a hosted API would, and the
+    # providers read it from the environment like any other key (it is never stored).
+    os.environ[TEACHER_KEY_ENV] = secrets.token_urlsafe(24)
+    root = start_teacher(cfg.task.name, host=cfg.teacher.host, port=cfg.teacher.port,
+                         latency_s=cfg.teacher.latency_s, faults=cfg.teacher.faults or None,
+                         api_key=os.environ[TEACHER_KEY_ENV], task_options=cfg.task.difficulty)
     for section in (cfg.feedback, cfg.improve):
         if section.provider != "scripted" and section.base_url is None:
-            section.base_url = base_url if section.provider == "openai" else base_url.removesuffix("/v1")
+            section.base_url = openai_base_url(root) if section.provider == "openai" else root
+            section.api_key_env = section.api_key_env or TEACHER_KEY_ENV
     return stop_teacher
 
 

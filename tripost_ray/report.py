@@ -66,15 +66,17 @@ def summarize(root: str, wall_s: float | None = None) -> dict[str, Any]:
     for t in sorted(iterations):
         it = iterations[t]
         eds = it.pop("editing")
+        usage = [u for e in eds for u in (e.get("usage") or {}).values()]
         it["llm"] = {
-            "calls": sum(int(e.get("calls", 0)) for e in eds),
-            "http_calls": sum(int(e.get("http_calls", e.get("cache_misses", 0))) for e in eds),
+            "calls": sum(sum(statuses.values()) for e in eds for statuses in (e.get("calls") or {}).values()),
+            "http_requests": sum(int(e.get("http_requests", 0)) for e in eds),
             "cache_hits": sum(int(e.get("cache_hits", 0)) for e in eds),
-            "input_tokens": sum(int(e.get("input_tokens", 0)) for e in eds),
-            "output_tokens": sum(int(e.get("output_tokens", 0)) for e in eds),
+            "input_tokens": int(sum(u.get("input_tokens", 0) for u in usage)),
+            "output_tokens": int(sum(u.get("output_tokens", 0) for u in usage)),
             "cost_usd": round(sum(float(e.get("cost_usd", 0.0)) for e in eds), 6),
-            "kept": sum(int(e.get("kept", 0)) for e in eds),
-            "statuses": _sum_nested(eds, "statuses"),
+            "rollouts": sum(int(e.get("rows", 0)) for e in eds),
+            "trajectories": sum(int(e.get("trajectories", 0)) for e in eds),
+            "trajectory_kinds": _sum_nested(eds, "kinds"),
             "discard_reasons": _sum_nested(eds, "discard_reasons"),
         }
         rows.append(it)
