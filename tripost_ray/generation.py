@@ -10,7 +10,8 @@ decoding then picks exactly that token. A prompt's output therefore depends on i
 not on which other prompts share its batch, its actor or its node - the property that makes
 a sharded rollout equal an unsharded one. (Numerically it still assumes the same batch
 composition and thread count: float reductions in a differently shaped matmul may differ in
-the last bit, which Ray Data's fixed batches give us.)
+the last bit, which Ray Data's fixed batches give us. On CPU in fp32 reordered batches gave
+identical text in the tests; on an H200 in bf16, 18 of 20 sampled prompts did.)
 
 Stopping. A row stops at end-of-sequence, at ``max_new_tokens``, when its generated text
 contains one of ``params.stop`` (the text is cut before it) or when it matches
