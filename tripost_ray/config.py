@@ -350,10 +350,14 @@ class JobConfig(Section):
     @field_validator("task")
     @classmethod
     def _known_task(cls, task: TaskConfig) -> TaskConfig:
-        from tripost_ray.tasks import TASKS
+        from tripost_ray.tasks import TASKS, get_task
 
         if task.name not in TASKS:
             raise ValueError(f"unknown task {task.name!r}; allowed: {sorted(TASKS)}")
+        try:  # task options are checked by the task itself, before any work starts
+            get_task(task.name, **task.difficulty)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"task.difficulty: {err}") from None
         return task
 
     # ------------------------------------------------------------------ helpers

@@ -80,7 +80,8 @@ def summarize(root: str, wall_s: float | None = None) -> dict[str, Any]:
             "discard_reasons": _sum_nested(eds, "discard_reasons"),
         }
         rows.append(it)
-    stage_times = {stage: m.get("wall_s", 0.0) for stage, m in manifests.items()}
+    in_order = sorted(manifests.items(), key=lambda kv: kv[1].get("started_at", 0.0))
+    stage_times = {stage: m.get("wall_s", 0.0) for stage, m in in_order}
     return {
         "run": root,
         "iterations": rows,
