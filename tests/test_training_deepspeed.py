@@ -99,3 +99,23 @@ def test_zero3_weighted_matches_plain_loop_and_exports(ray_cluster, tiny_model_d
     plain = train_plain(rows, tiny_model_dir, cfg)
     _assert_same_training(result, plain)
     _assert_export_matches(str(tmp_path / "model"), plain.model)
+
+
+def test_examples_from_parquet_url_and_bad_columns(ray_cluster, tmp_path):
+    """The pipeline passes the post-processing Parquet URL; a file missing columns is named."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tripost_ray.training.dataset import TrainingDataError, canonical_order
+    from tripost_ray.training.trainer import _as_dataset
+
+    rows = weighted_rows(5, seed=41)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    ds = _as_dataset(f"file://{tmp_path / 'train.parquet'}")
+    got = canonical_order([{k: (list(v) if hasattr(v, "__len__") and not isinstance(v, str) else v)
+                            for k, v in r.items()} for r in ds.iter_rows()])
+    assert [(r["text"], r["span_weights"]) for r in got] == [(r["text"], r["span_weights"])
+                                                              for r in canonical_order(rows)]
+    pq.write_table(pa.Table.from_pylist([{"text": "Q: 1", "span_starts": [0]}]), tmp_path / "bad.parquet")
+    with pytest.raises(TrainingDataError, match=r"span_ends"):
+        _as_dataset(str(tmp_path / "bad.parquet"))
