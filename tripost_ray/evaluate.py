@@ -129,7 +129,7 @@ def main_eval(args) -> int:
     from tripost_ray import storage
     from tripost_ray.config import load_config
     from tripost_ray.models import ModelSourceError, resolve_model_source
-    from tripost_ray.rollout import init_ray
+    from tripost_ray.ray_setup import init_ray
     from tripost_ray.tasks import ProblemFormatError, UnknownTaskError, get_task, load_problems
 
     cfg = load_config(None, list(args.override) + [f"task.name={args.task}"])  # ConfigError: the CLI reports it
@@ -147,7 +147,7 @@ def main_eval(args) -> int:
     if not problems:
         print(f"tripost eval: no problems to evaluate ({args.problems or 'generated test splits'})", file=sys.stderr)
         return 2
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.include_dashboard)
+    init_ray(cfg.ray)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from tripost_ray import storage
 from tripost_ray.config import JobConfig, load_config
+from tripost_ray.ray_setup import init_ray
 from tripost_ray.stages import Run
 from tripost_ray.tasks import Problem, Task, get_task, load_problems
 from tripost_ray.trajectory import TrainingExample, render_trajectory, Turn
@@ -38,28 +39,6 @@ log = logging.getLogger("tripost")
 
 #: The environment variable that carries the key of the job's own teacher server.
 TEACHER_KEY_ENV = "TRIPOST_TEACHER_KEY"
-
-
-# ------------------------------------------------------------------------- ray
-
-
-def init_ray(cfg: JobConfig) -> None:
-    """Join the configured cluster, or start a local Ray sized by ``ray.num_cpus``."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address
-    if address in (None, "local") and not os.environ.get("RAY_ADDRESS"):
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard, log_to_driver=False)
-    else:
-        ray.init(address=None if address in (None, "local") else address, log_to_driver=False)
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = cfg.ray.data_progress_bars
-    if cfg.ray.no_progress_timeout_s:
-        ctx.execution_no_progress_timeout_s = cfg.ray.no_progress_timeout_s
 
 
 # -------------------------------------------------------------------- problems
@@ -270,7 +249,7 @@ def run_job(cfg: JobConfig, *, force: bool = False) -> dict:
     job = Job(cfg, force=force)
     storage.write_text_atomic(job.run.url("config.yaml"), cfg.to_yaml())
     started = time.time()
-    init_ray(cfg)
+    init_ray(cfg.ray)
     teacher = _start_teacher_if_enabled(cfg)
     try:
         from tripost_ray.feedback.providers import check_credentials

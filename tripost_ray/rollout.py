@@ -206,7 +206,7 @@ def run_rollouts(
     import ray
 
     if not ray.is_initialized():
-        raise RolloutError("Ray is not initialised: call ray.init() (or tripost_ray.rollout.init_ray) first")
+        raise RolloutError("Ray is not initialised: call ray.init() (or tripost_ray.ray_setup.init_ray) first")
     items = _problem_items(problems)
     output_uri = storage.normalize(output_uri)
     storage.remove(output_uri)
@@ -295,16 +295,3 @@ def read_rollouts(output_uri: str) -> list[dict]:
     if not storage.exists(output_uri):
         raise FileNotFoundError(f"no rollout output at {output_uri}")
     return sorted(storage.read_table(output_uri), key=lambda r: r["problem_id"])
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None, include_dashboard: bool = False) -> None:
-    """Join (``address``) or start a local Ray, unless one is already initialised."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address in (None, "local"):
-        ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    else:
-        ray.init(address=address)

@@ -1,0 +1,29 @@
+"""Joining or starting Ray, the same way for every entry point (run, eval, benchmarks)."""
+
+from __future__ import annotations
+
+import os
+
+from tripost_ray.config import RayConfig
+
+
+def init_ray(cfg: RayConfig | None = None) -> None:
+    """Join the configured cluster, or start a local Ray sized by ``cfg.num_cpus``.
+
+    Inside ``ray job submit`` (``RAY_ADDRESS`` set) the job joins its cluster and never
+    resizes it. Ray Data's progress bars and no-progress timeout follow the config.
+    """
+    import ray
+    from ray.data import DataContext
+
+    cfg = cfg or RayConfig()
+    if not ray.is_initialized():
+        env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+        if cfg.address in (None, "local") and not os.environ.get("RAY_ADDRESS"):
+            ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard, runtime_env=env)
+        else:
+            ray.init(address=None if cfg.address in (None, "local") else cfg.address, runtime_env=env)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = cfg.data_progress_bars
+    if cfg.no_progress_timeout_s:
+        ctx.execution_no_progress_timeout_s = cfg.no_progress_timeout_s
