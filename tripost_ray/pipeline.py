@@ -205,7 +205,9 @@ class Job:
 
         def body(url: str) -> dict:
             trajectories = [t for stage in editing_stages for t in read_trajectories(self.run.manifests[stage]["out"])]
-            gold = [(pr, self.task.gold_rationale(pr)) for pr in probs.train]
+            # Gold rationales come from the larger SFT pool (a superset of the train problems):
+            # the terminal examples of edited trajectories already repeat most train golds.
+            gold = [(pr, self.task.gold_rationale(pr)) for pr in (probs.sft or probs.train)]
             count_tokens = _token_counter(model)
             result = postprocess(trajectories, gold, self.cfg.postprocess, self.cfg.train.feedback_weight,
                                  count_tokens, seed=self.cfg.postprocess.seed + t)
@@ -214,7 +216,7 @@ class Job:
             return {"data": out, "n_examples": len(result.examples), "dropped": dict(result.dropped),
                     "counts": dict(result.counts), "n_trajectories": len(trajectories)}
 
-        self._stage(name, ("postprocess", "train"), body, inputs=tuple(editing_stages))
+        self._stage(name, ("postprocess", "train"), body, inputs=("problems", *editing_stages))
         return name
 
     def train_iteration(self, t: int, model: str, pp_stage: str, model_stage: str) -> str:

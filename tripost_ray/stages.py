@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from tripost_ray import storage
+from tripost_ray.config import ConfigError
 
 log = logging.getLogger("tripost")
 
 MANIFEST = "_MANIFEST.json"
 
 
-class StageConfigChanged(RuntimeError):
+class StageConfigChanged(ConfigError):
     """A finished stage was produced with another config; re-run with --force to redo it."""
 
 

@@ -200,12 +200,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
         t0 = time.perf_counter()
         batches = [collate([examples[i] for i in mb], pad_id)
                    for mb in rank_micro_batches(plan[step], rank, geometry)]
+        # Collectives run on the engine's device: NCCL (GPU) has no CPU backend, gloo takes both.
         local = torch.tensor([float(sum(b["weights"][:, 1:].sum() for b in batches)),
-                              float(sum(b["attention_mask"].sum() for b in batches))], dtype=torch.float64)
+                              float(sum(b["attention_mask"].sum() for b in batches))],
+                             dtype=torch.float64, device=device)
         dist.all_reduce(local)  # [W, tokens] of the global batch
         weight_sum, step_tokens = float(local[0]), int(local[1])
         lr_now = scheduler.get_last_lr()[0]
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for b in batches:
             ids, mask, w = (b[k].to(device) for k in ("input_ids", "attention_mask", "weights"))
             logits = engine(input_ids=ids, attention_mask=mask).logits
@@ -213,7 +215,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
             engine.backward(micro_batch_objective(s, weight_sum, world_size=world,
                                                   grad_accum_steps=cfg.grad_accum_steps))
             engine.step()  # DeepSpeed updates (and steps the scheduler) at the accumulation boundary
-            loss_sum += s.detach().to(torch.float64).cpu()
+            loss_sum += s.detach().to(torch.float64)
         dist.all_reduce(loss_sum)
         loss = float(loss_sum) / max(weight_sum, 1e-12)
         dt = time.perf_counter() - t0
@@ -319,6 +321,9 @@ def _as_dataset(examples):
         raise TypeError(f"examples must be a ray.data.Dataset, a list of dicts or a Parquet URL, "
                         f"got {type(examples).__name__}")
     ds.context.enable_progress_bars = False  # every worker reads the whole small set: bars would be noise
+    # Materialize on the driver, before the workers hold their CPUs: a lazy read left for
+    # the workers to trigger needs CPUs of its own and hangs a cluster the workers fill.
+    ds = ds.materialize()
     names = set(ds.schema().names)
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
