@@ -131,4 +131,4 @@ def local_path(url: str) -> str:
     """The filesystem path of a local URL; raises for remote storage."""
     if not is_local(url):
         raise ValueError(f"{url} is not on the local filesystem")
-    return fs_for(url)[1] if "://" in url else os.path.abspath(url)
+    return fs_for(url)[1] if "://" in url else os.path.abspath(os.path.expanduser(url))

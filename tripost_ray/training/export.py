@@ -18,15 +18,9 @@ import uuid
 
 import fsspec.core
 
+from tripost_ray.storage import is_local, local_path
+
 log = logging.getLogger(__name__)
-
-
-def is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def local_path(url: str) -> str:
-    return os.path.abspath(os.path.expanduser(url[len("file://"):] if url.startswith("file://") else url))
 
 
 def publish_dir(src: str, dst_url: str) -> None:

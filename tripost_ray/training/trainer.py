@@ -256,7 +256,7 @@ def _storage(storage_path: str):
     """(path, pyarrow filesystem or None) for RunConfig; fsspec-only schemes are wrapped."""
     import pyarrow.fs
 
-    from tripost_ray.training.export import is_local, local_path
+    from tripost_ray.storage import is_local, local_path
 
     if is_local(storage_path):
         return local_path(storage_path), None
