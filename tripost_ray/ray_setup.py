@@ -17,6 +17,9 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     from ray.data import DataContext
 
     cfg = cfg or RayConfig()
+    # Serve marks its HTTP proxy dead if it is not ready within 5 s, which a busy 2-core
+    # machine misses; a local cluster started here inherits this more patient limit.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     if not ray.is_initialized():
         env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
         if cfg.address in (None, "local") and not os.environ.get("RAY_ADDRESS"):
