@@ -8,6 +8,8 @@ import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Serve's proxy must be ready within 5 s by default, which a busy 2-core box misses.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +53,37 @@ def tiny_model_dir(tmp_path_factory) -> str:
     cfg = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                           max_position_embeddings=2048, numeric_max_digits=3)
     return build_tiny_model(cfg, _tiny_corpus(), str(tmp_path_factory.mktemp("tiny_model")))
+
+
+#: The easy arithmetic the pipeline tests use (groups of 2 operands, one nesting level).
+EASY_ARITHMETIC = {"seen_group_sizes": [2], "seen_nestings": ["2"], "unseen_group_sizes": [3],
+                   "unseen_nestings": ["2,2"]}
+
+
+@pytest.fixture(scope="session")
+def sft_model_dir(tmp_path_factory) -> str:
+    """A tiny model fine-tuned on gold rationales of easy arithmetic (plain torch, ~30 s):
+    it writes well-formed attempts with local arithmetic mistakes, which is what the
+    pipeline tests need to exercise editing and training (a random model's output is
+    all unparsable). Built once per session, like TRL's tiny-model fixtures."""
+    from transformers import AutoTokenizer
+
+    from tripost_ray.config import TinyModelConfig, TrainConfig
+    from tripost_ray.models import build_tiny_model
+    from tripost_ray.pipeline import gold_sft_examples, tokenizer_corpus
+    from tripost_ray.tasks import get_task
+    from tripost_ray.training.plain import train_plain
+
+    task = get_task("multistep_arithmetic", **EASY_ARITHMETIC)
+    problems = task.generate(1200, "train", seed=0)
+    corpus = tokenizer_corpus(task, problems)
+    root = tmp_path_factory.mktemp("sft_model")
+    base = build_tiny_model(TinyModelConfig(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512,
+                                            numeric_max_digits=2), corpus, str(root / "base"))
+    run = train_plain(gold_sft_examples(task, problems), base,
+                      TrainConfig(micro_batch_size=16, learning_rate=2e-3, warmup_ratio=0.05, num_workers=1),
+                      epochs=10, max_steps=300)
+    out = str(root / "sft")
+    run.model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out

@@ -173,7 +173,7 @@ def test_rpm_limit_holds_across_actors_per_the_servers_log(teachers, tmp_path):
     # window may hold one request more than its share (a late one next to an on-time one),
     # and the whole run's span may be short by one such delay, never more.
     interval = 60.0 / rpm
-    jitter_s = 0.15
+    jitter_s = 0.3  # measured up to ~0.2 s on a 2-core box running the whole suite
     for window in (1.0, 2.0, 4.0):
         j = 0
         for i in range(len(times)):

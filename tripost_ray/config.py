@@ -189,6 +189,7 @@ class EditingConfig(Section):
     num_actors: int = Field(1, ge=1)
     concurrency_per_actor: int = Field(16, ge=1)
     num_cpus_per_actor: float = Field(0.25, ge=0)
+    max_actor_restarts: int = Field(2, ge=0, description="Restarts of a crashed pool actor; its edits are retried.")
     cache: bool = Field(True, description="Content-addressed response cache under <storage>/cache.")
     verify_direct_correct: bool = Field(
         False,

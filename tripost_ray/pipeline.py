@@ -68,6 +68,27 @@ def make_problems(task: Task, cfg: JobConfig) -> Problems:
     return Problems(train=pool[: tc.n_train], sft=pool[: cfg.sft.n_examples], test=test)
 
 
+def tokenizer_corpus(task: Task, problems: list[Problem], n_trajectories: int = 200, seed: int = 0) -> list[str]:
+    """Text a tiny model's tokenizer is trained on: prompts, gold rationales, and whole
+    self-improvement trajectories (a corrupted attempt, its scripted feedback, the update,
+    the all-correct feedback), so the words of feedback sentences are single tokens too.
+    Without them the model has to learn "Feedback" letter by letter in iteration 1."""
+    import random
+
+    from tripost_ray.feedback.synthetic import corrupt_numbers
+
+    rng = random.Random(seed)
+    corpus = [task.prompt(p) for p in problems] + [task.gold_rationale(p) for p in problems]
+    for p in problems[:n_trajectories]:
+        gold = task.gold_rationale(p)
+        wrong = corrupt_numbers(gold, rng)
+        fb = task.verify(p, wrong)
+        fixed = task.improve(p, wrong, fb)
+        turns = [Turn(wrong, fb.text), Turn(fixed, task.verify(p, fixed).text)]
+        corpus.append(render_trajectory(p.question, turns))
+    return corpus
+
+
 def gold_sft_examples(task: Task, problems: list[Problem]) -> list[dict]:
     """Gold rationales without feedback, all tokens weight 1 (the SFT warm-up data)."""
     rows = []
@@ -109,9 +130,7 @@ class Job:
         from tripost_ray.models import prepare_model
 
         def body(url: str) -> dict:
-            corpus = [self.task.prompt(p) for p in probs.sft + probs.test] + [
-                self.task.gold_rationale(p) for p in probs.sft
-            ]
+            corpus = tokenizer_corpus(self.task, probs.sft) + [self.task.prompt(p) for p in probs.test]
             out = storage.join(url, "model")
             self._save_model(lambda local: prepare_model(self.cfg.model.source, self.cfg.model.tiny,
                                                          self.cfg.model.cache_dir, corpus=corpus, out_dir=local), out)

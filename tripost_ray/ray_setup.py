@@ -20,12 +20,14 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     # Serve marks its HTTP proxy dead if it is not ready within 5 s, which a busy 2-core
     # machine misses; a local cluster started here inherits this more patient limit.
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    # Workers of a local cluster inherit the driver's environment. No runtime_env is
+    # passed: inside `ray job submit` it would conflict with the job's own.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not ray.is_initialized():
-        env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
         if cfg.address in (None, "local") and not os.environ.get("RAY_ADDRESS"):
-            ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard, runtime_env=env)
+            ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard)
         else:
-            ray.init(address=None if cfg.address in (None, "local") else cfg.address, runtime_env=env)
+            ray.init(address=None if cfg.address in (None, "local") else cfg.address)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.data_progress_bars
     if cfg.no_progress_timeout_s:

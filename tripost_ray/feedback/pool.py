@@ -299,7 +299,11 @@ def run_editing(
             limiters[role] = get_limiter(cfg)
     budget = new_budget(max_usd) if max_usd is not None and llm_sections else None
     env = {name: os.environ[name] for name in needed_env}
-    options: dict[str, Any] = {"num_cpus": editing.num_cpus_per_actor, "max_concurrency": editing.concurrency_per_actor}
+    # A crashed worker is restarted and its in-flight edits retried: an edit is idempotent
+    # (replies already paid for come from the cache), so a retry never pays twice.
+    options: dict[str, Any] = {"num_cpus": editing.num_cpus_per_actor, "max_concurrency": editing.concurrency_per_actor,
+                               "max_restarts": editing.max_actor_restarts,
+                               "max_task_retries": editing.max_actor_restarts}
     if env:
         options["runtime_env"] = {"env_vars": env}
     worker_cls = ray.remote(EditingWorker)

@@ -1,0 +1,159 @@
+"""The TriPosT job end to end on a real local Ray: a reduced quickstart, resumption, and a
+driver killed during editing.
+
+The FBK/IMP teacher is the project's own Ray Serve server reached through the real
+``openai`` SDK, as in the quickstart; training is DeepSpeed ZeRO-2 inside Ray Train.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tripost_ray import storage
+from tripost_ray.config import load_config
+from tripost_ray.feedback.pool import read_trajectories
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _overrides(model: str, storage_path: Path, run_name: str, port: int, **extra) -> list[str]:
+    """The quickstart, shrunk: a pre-fine-tuned tiny model (same task difficulty as the
+    quickstart), few problems, one rollout actor."""
+    values = {
+        "run_name": run_name, "storage.path": str(storage_path), "model.source": model, "sft.epochs": 0,
+        "task.n_train": 40, "task.n_test_seen": 12, "task.n_test_unseen": 12,
+        "rollout.max_actors": 1, "rollout.batch_size": 40, "rollout.max_new_tokens": 200,
+        "eval.batch_size": 24, "eval.max_new_tokens": 200,
+        "train.epochs": 1, "train.micro_batch_size": 8, "train.cpus_per_worker": 0.5,
+        "postprocess.min_new_examples": 1, "teacher.port": port, "ray.data_progress_bars": False,
+        "editing.progress": False,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="module")
+def serve_port(ray_cluster) -> int:
+    """Serve's HTTP proxy is one per cluster and outlives a job: these tests start without
+    one, share one port, and leave none."""
+    from ray import serve
+
+    serve.shutdown()
+    yield _free_port()
+    serve.shutdown()
+
+
+def test_reduced_quickstart_end_to_end_then_resumes_without_work(sft_model_dir, tmp_path, serve_port):
+    from tripost_ray.pipeline import run_job
+
+    port = serve_port
+    cfg = load_config(QUICKSTART, _overrides(sft_model_dir, tmp_path, "e2e", port))
+    summary = run_job(cfg)
+    run = tmp_path / "e2e"
+
+    iterations = {it["iteration"]: it for it in summary["iterations"]}
+    assert set(iterations) == {0, 1, 2}, "an evaluation per iteration, the starting model's included"
+    for it in iterations.values():
+        acc = it["metrics"]["accuracy"]
+        assert 0.0 <= acc["total"] <= 1.0 and acc["seen"] is not None and acc["unseen"] is not None
+    first = iterations[1]
+    # FBK/IMP went over HTTP through the openai SDK to the job's own teacher
+    assert first["llm"]["http_requests"] > 0
+    assert first["llm"]["trajectories"] > 0 and first["examples"] > 0
+
+    # every training example comes from a kept trajectory or a gold rationale, never a failure
+    kept = {t.problem_id for t in read_trajectories(str(run / "iter_1/pass_0/editing"))}
+    examples = storage.read_table(str(run / "iter_1/postprocess/train.parquet"))
+    assert {e["problem_id"] for e in examples if e["kind"] != "gold"} <= kept
+    failures = [json.loads(line) for line in (run / "iter_1/pass_0/editing/failures/part-00000.jsonl")
+                .read_text().splitlines() if line]
+    assert not {f["problem_id"] for f in failures} & {e["problem_id"] for e in examples if e["kind"] != "gold"}
+
+    # the model of iteration 2 is a loadable HF model
+    from tripost_ray.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(str(run / "iter_2/train/model"))
+    assert model.config.vocab_size == len(tok)
+
+    for name in ("report.json", "report.md", "report.html", "config.yaml"):
+        assert (run / name).stat().st_size > 0
+    assert "Accuracy per iteration" in (run / "report.html").read_text()
+
+    # a second invocation finds every stage complete: nothing recomputed, nothing paid
+    manifests = {p: p.read_text() for p in run.rglob("_MANIFEST.json")}
+    again = run_job(load_config(QUICKSTART, _overrides(sft_model_dir, tmp_path, "e2e", port)))
+    assert {p: p.read_text() for p in run.rglob("_MANIFEST.json")} == manifests
+    assert [it["metrics"] for it in again["iterations"]] == [it["metrics"] for it in summary["iterations"]]
+
+
+def _cache_entries(run: Path) -> int:
+    return sum(1 for p in (run / "cache").rglob("*.json")) if (run / "cache").exists() else 0
+
+
+def _driver(overrides: list[str], address: str, log: Path) -> subprocess.Popen:
+    """``tripost run`` in its own process (and process group), joined to the test cluster."""
+    env = {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "tripost_ray.cli", "run", str(QUICKSTART), *sum((["-o", o] for o in overrides), [])]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, log: Path) -> None:
+    assert proc.wait(timeout=900) == 0, log.read_text()[-5000:]
+
+
+def test_driver_killed_during_editing_resumes_without_repeating_llm_calls(sft_model_dir, tmp_path, serve_port):
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    port = serve_port
+    # slow teacher, low concurrency: editing lasts long enough to be interrupted
+    slow = {"iterations": 1, "teacher.latency_s": 0.15, "editing.concurrency_per_actor": 2, "eval.self_improve_rounds": 0}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    killed = _driver(_overrides(sft_model_dir, tmp_path, "resumed", port, **slow), address, logs / "killed.log")
+    run = tmp_path / "resumed"
+    deadline = time.time() + 600
+    while _cache_entries(run) < 8:
+        assert killed.poll() is None, "the driver ended before it could be killed:\n" + (logs / "killed.log").read_text()
+        assert time.time() < deadline, "editing never started"
+        time.sleep(0.5)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    paid_before_kill = _cache_entries(run)
+    assert not (run / "iter_1/pass_0/editing/_MANIFEST.json").exists()
+
+    _finish(_driver(_overrides(sft_model_dir, tmp_path, "resumed", port, **slow), address, logs / "resumed.log"),
+            logs / "resumed.log")
+    editing = json.loads((run / "iter_1/pass_0/editing/_MANIFEST.json").read_text())["summary"]
+
+    _finish(_driver(_overrides(sft_model_dir, tmp_path, "reference", port, **slow), address, logs / "reference.log"),
+            logs / "reference.log")
+    full = json.loads((tmp_path / "reference/iter_1/pass_0/editing/_MANIFEST.json").read_text())["summary"]
+
+    # the re-run paid only for what the killed run had not: cached calls were free
+    assert editing["cache_hits"] >= paid_before_kill > 0
+    assert editing["http_requests"] + paid_before_kill == full["http_requests"]
+    # and it produced exactly what an uninterrupted run produces
+    as_dicts = lambda p: sorted(json.dumps(t.to_dict(), sort_keys=True) for t in read_trajectories(str(p)))
+    assert as_dicts(run / "iter_1/pass_0/editing") == as_dicts(tmp_path / "reference/iter_1/pass_0/editing")
+    rows = lambda p: storage.read_table(str(p / "iter_1/postprocess/train.parquet"))
+    assert rows(run) == rows(tmp_path / "reference")
