@@ -22,7 +22,6 @@ This module only sequences stages; the work of each lives in its own module.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import time
@@ -139,16 +138,12 @@ class Job:
         return self._stage("model_init", ("model",), body, inputs=("problems",))["model"]
 
     def _save_model(self, build, url: str) -> None:
-        """Build a model into a local folder, then place it at ``url``."""
+        """Build a model into a local folder, then publish it at ``url``."""
         import tempfile
 
-        if storage.is_local(url):
-            os.makedirs(storage.local_path(url), exist_ok=True)
-            build(storage.local_path(url))
-            return
         with tempfile.TemporaryDirectory(prefix="tripost-model-") as tmp:
             build(tmp)
-            storage.upload_dir(tmp, url)
+            storage.publish_dir(tmp, url)
 
     def sft(self, probs: Problems, model: str) -> tuple[str, str]:
         """Gold-rationale warm-up; returns (model, stage name)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import uuid
 from contextlib import contextmanager
@@ -100,13 +101,28 @@ def read_table(url: str) -> list[dict]:
     return rows
 
 
-def upload_dir(local_dir: str, url: str) -> None:
-    """Copy a local folder to a URL (a no-op move for local storage)."""
-    fs, path = fs_for(url)
+def publish_dir(src: str, dst_url: str) -> None:
+    """Copy a local folder to ``dst_url``, replacing what is there; a local destination
+    is swapped in with a rename, so a reader never sees a half-written folder."""
+    if is_local(dst_url):
+        dst = local_path(dst_url)
+        os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+        staging = f"{dst}.tmp-{uuid.uuid4().hex[:8]}"
+        shutil.copytree(src, staging)
+        if os.path.exists(dst):
+            old = f"{dst}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(dst, old)
+            os.rename(staging, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, dst)
+        return
+    fs, path = url_to_fs(dst_url)
     if fs.exists(path):
         fs.rm(path, recursive=True)
     fs.makedirs(path, exist_ok=True)
-    fs.put(str(Path(local_dir)) + "/", path, recursive=True)
+    for name in sorted(os.listdir(src)):
+        fs.put(os.path.join(src, name), f"{path.rstrip('/')}/{name}", recursive=True)
 
 
 @contextmanager

@@ -12,38 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
-import uuid
 
 import fsspec.core
 
-from tripost_ray.storage import is_local, local_path
+from tripost_ray.storage import is_local, local_path, publish_dir
 
 log = logging.getLogger(__name__)
-
-
-def publish_dir(src: str, dst_url: str) -> None:
-    """Copy a local folder to ``dst_url``, replacing what is there."""
-    if is_local(dst_url):
-        dst = local_path(dst_url)
-        os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-        staging = f"{dst}.tmp-{uuid.uuid4().hex[:8]}"
-        shutil.copytree(src, staging)
-        if os.path.exists(dst):
-            old = f"{dst}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(dst, old)
-            os.rename(staging, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, dst)
-        return
-    fs, path = fsspec.core.url_to_fs(dst_url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-    fs.makedirs(path, exist_ok=True)
-    for name in sorted(os.listdir(src)):
-        fs.put(os.path.join(src, name), f"{path.rstrip('/')}/{name}", recursive=True)
 
 
 def localize_model(url: str) -> str:
