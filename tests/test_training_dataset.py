@@ -18,6 +18,7 @@ from tripost_ray.training.dataset import (
     TrainingDataError,
     canonical_order,
     collate,
+    global_batch_totals,
     plan_global_batches,
     rank_micro_batches,
     tokenize_rows,
@@ -35,7 +36,7 @@ def _texts(n: int = 6) -> list[str]:
     return out
 
 
-@pytest.fixture(scope="module", params=["numeric", "char", "bpe"])
+@pytest.fixture(scope="module", params=["numeric", "numeric_spaced", "char", "bpe"])
 def tokenizer(request):
     return train_tokenizer(TinyModelConfig(tokenizer=request.param, bpe_vocab_size=300), _texts(20))
 
@@ -128,6 +129,19 @@ def test_rank_micro_batches_partition_a_global_batch():
     assert all(len(s) == 3 for s in slots)
     flat = [i for s in slots for mb in s for i in mb]
     assert flat == batch and slots[1][2] == []
+
+
+def test_global_batch_totals_equal_the_collated_ranks_label_weights_and_tokens(tokenizer):
+    rows = [weighted_example(t, "terminal", 1.5, problem_id=str(i)).to_dict() for i, t in enumerate(_texts(7))]
+    examples = tokenize_rows(tokenizer, rows, 1024)
+    geo = BatchGeometry(micro_batch_size=2, grad_accum_steps=2, world_size=2)
+    batch = [6, 0, 3, 5, 1, 2, 4]  # 7 of 8 slots: one short micro-batch
+    collated = [collate([examples[i] for i in mb], tokenizer.pad_token_id)
+                for r in range(2) for mb in rank_micro_batches(batch, r, geo)]
+    weight, tokens = global_batch_totals(examples, batch)
+    assert weight == pytest.approx(float(sum(b["weights"][:, 1:].sum() for b in collated)), rel=1e-6)
+    assert tokens == int(sum(b["attention_mask"].sum() for b in collated))
+    assert weight > 0
 
 
 def test_canonical_order_ignores_read_order():

@@ -220,6 +220,17 @@ def rank_micro_batches(global_batch: Sequence[int], rank: int, geometry: BatchGe
     return out
 
 
+def global_batch_totals(examples: Sequence[TokenizedExample], global_batch: Sequence[int]) -> tuple[float, int]:
+    """(W, tokens) of a global batch: the sum of its label weights (position 0 of an example
+    is never a label) and its non-padding tokens.
+
+    Every rank holds every example, so each computes the global W itself, before the
+    forward pass, with no collective: the loss normaliser costs nothing per step.
+    """
+    weight = math.fsum(math.fsum(examples[i].weights[1:]) for i in global_batch)
+    return weight, sum(len(examples[i]) for i in global_batch)
+
+
 def collate(examples: Iterable[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example; padding weighs 0 and is masked from attention.
 

@@ -15,8 +15,9 @@ accumulation and data parallelism change the wall-clock, never the objective.
 
 How it is made exact under gradient accumulation (A micro-batches per rank) and data
 parallelism (P ranks). Write S_{r,m} = sum w*CE of micro-batch m on rank r, and
-W = sum of all weights of the global batch (one scalar all-reduce per step; the weights
-are data, known before the forward pass). DeepSpeed's ``engine.backward(loss)`` divides
+W = sum of all weights of the global batch (the weights are data, known before the
+forward pass; every rank holds the whole small training set, so each computes W itself
+with no collective, :func:`~tripost_ray.training.dataset.global_batch_totals`). DeepSpeed's ``engine.backward(loss)`` divides
 the loss by A, and its gradient reduction *averages* over the P ranks, so the gradient
 it applies is
 
@@ -28,7 +29,8 @@ We want g = grad(L) = sum_r sum_m grad(S_{r,m}) / W. Hence each micro-batch back
 
 A plain single-process loop (P = 1, no automatic 1/A) backpropagates S_{r,m} / W for every
 micro-batch, which is the same gradient. The logged loss is sum_{r,m} S_{r,m} / W, obtained
-by one more scalar all-reduce; it is exactly L.
+by an all-reduce of the ranks' S sums; it is exactly L. The trainer batches that
+all-reduce: one vector of the pending steps' sums at each log, report or checkpoint.
 """
 
 from __future__ import annotations

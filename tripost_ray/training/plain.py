@@ -19,6 +19,7 @@ from tripost_ray.training.dataset import (
     BatchGeometry,
     canonical_order,
     collate,
+    global_batch_totals,
     plan_global_batches,
     rank_micro_batches,
     tokenize_rows,
@@ -63,8 +64,7 @@ def train_plain(rows: list[dict], init_model: str, cfg: TrainConfig, *, learning
         t1 = time.perf_counter()
         batches = [collate([examples[i] for i in mb], pad_id)
                    for r in range(P) for mb in rank_micro_batches(global_batch, r, geometry)]
-        weight_sum = float(sum(b["weights"][:, 1:].sum() for b in batches))
-        tokens = int(sum(b["attention_mask"].sum() for b in batches))
+        weight_sum, tokens = global_batch_totals(examples, global_batch)
         lr_now = scheduler.get_last_lr()[0]
         loss_sum = 0.0
         for b in batches:

@@ -45,6 +45,7 @@ from tripost_ray.training.dataset import (
     canonical_order,
     collate,
     data_fingerprint,
+    global_batch_totals,
     plan_global_batches,
     rank_micro_batches,
     tokenize_rows,
@@ -195,18 +196,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
 
     fault = config.get("inject_failure")
     steps_per_epoch = math.ceil(len(examples) / geometry.global_batch_size)
+    # Per-step losses wait here as local sums of w*CE; one all-reduce of the whole vector
+    # fills them in at the next log, report or checkpoint (same steps on every rank).
+    pending: list[tuple[dict, torch.Tensor, float]] = []
+
+    def settle_losses() -> None:
+        if not pending:
+            return
+        sums = torch.stack([s for _, s, _ in pending])
+        dist.all_reduce(sums)
+        for (entry, _, weight), total_sum in zip(pending, sums.tolist()):
+            entry["loss"] = total_sum / max(weight, 1e-12)
+        pending.clear()
+
     engine.train()
     for step in range(start, total):
         t0 = time.perf_counter()
+        weight_sum, step_tokens = global_batch_totals(examples, plan[step])
         batches = [collate([examples[i] for i in mb], pad_id)
                    for mb in rank_micro_batches(plan[step], rank, geometry)]
-        # Collectives run on the engine's device: NCCL (GPU) has no CPU backend, gloo takes both.
-        local = torch.tensor([float(sum(b["weights"][:, 1:].sum() for b in batches)),
-                              float(sum(b["attention_mask"].sum() for b in batches))],
-                             dtype=torch.float64, device=device)
-        dist.all_reduce(local)  # [W, tokens] of the global batch
-        weight_sum, step_tokens = float(local[0]), int(local[1])
         lr_now = scheduler.get_last_lr()[0]
+        # Collectives run on the engine's device: NCCL (GPU) has no CPU backend, gloo takes both.
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for b in batches:
             ids, mask, w = (b[k].to(device) for k in ("input_ids", "attention_mask", "weights"))
@@ -216,25 +226,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
                                                   grad_accum_steps=cfg.grad_accum_steps))
             engine.step()  # DeepSpeed updates (and steps the scheduler) at the accumulation boundary
             loss_sum += s.detach().to(torch.float64)
-        dist.all_reduce(loss_sum)
-        loss = float(loss_sum) / max(weight_sum, 1e-12)
         dt = time.perf_counter() - t0
         tokens_done += step_tokens
-        history.append({"step": step + 1, "loss": loss, "lr": lr_now, "tokens": step_tokens,
+        history.append({"step": step + 1, "loss": None, "lr": lr_now, "tokens": step_tokens,
                         "tokens_per_s": step_tokens / dt if dt > 0 else 0.0, "step_time_s": dt,
                         "epoch": (step + 1) / steps_per_epoch})
-        metrics = dict(history[-1], total_steps=total)
+        pending.append((history[-1], loss_sum, weight_sum))
         done = step + 1
-        if rank == 0 and (done % cfg.log_every_steps == 0 or done == total or done == start + 1):
-            log.info("step %d/%d loss %.4f lr %.3g tokens/s %.0f", done, total, loss, lr_now,
-                     history[-1]["tokens_per_s"])
         periodic = cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0
-        if done == total or periodic:
-            state = {"step": done, "tag": f"step_{done}", "history": history, "tokens_trained": tokens_done,
-                     "fingerprint": fingerprint, "total_steps": total}
-            _save_checkpoint(engine, rank, state, metrics)
-        elif done % cfg.log_every_steps == 0:
-            ray.train.report(metrics)
+        logged = done % cfg.log_every_steps == 0 or done == total or done == start + 1
+        if logged or periodic:
+            settle_losses()
+            metrics = dict(history[-1], total_steps=total)
+            if rank == 0 and logged:
+                log.info("step %d/%d loss %.4f lr %.3g tokens/s %.0f", done, total, metrics["loss"], lr_now,
+                         history[-1]["tokens_per_s"])
+            if done == total or periodic:
+                state = {"step": done, "tag": f"step_{done}", "history": history, "tokens_trained": tokens_done,
+                         "fingerprint": fingerprint, "total_steps": total}
+                _save_checkpoint(engine, rank, state, metrics)
+            elif done % cfg.log_every_steps == 0:
+                ray.train.report(metrics)
         if fault and fault["step"] == done and rank == fault["rank"] and not os.path.exists(fault["marker"]):
             with open(fault["marker"], "w") as f:
                 f.write(f"killed rank {rank} after step {done}\n")
