@@ -43,7 +43,7 @@ def _tiny(tokenizer: str, **kw) -> TinyModelConfig:
                            bpe_vocab_size=200, **kw)
 
 
-@pytest.mark.parametrize("kind", ["numeric", "char", "bpe"])
+@pytest.mark.parametrize("kind", ["numeric", "numeric_spaced", "char", "bpe"])
 def test_tokenizer_round_trips_text_exactly_and_offsets_cover_it(kind, corpus):
     tok = train_tokenizer(_tiny(kind), corpus)
     for text in TEXTS + corpus[:3]:
@@ -68,6 +68,18 @@ def test_numeric_tokenizer_gives_integers_and_words_one_token_each(corpus):
     # a number past the range splits into in-vocabulary pieces, never <unk>
     pieces = tok.convert_ids_to_tokens(tok("123456", add_special_tokens=False)["input_ids"])
     assert pieces == ["1234", "##5", "##6"]
+
+
+def test_numeric_spaced_tokenizer_folds_the_leading_space_and_the_sign_in(corpus):
+    tok = train_tokenizer(_tiny("numeric_spaced", numeric_max_digits=2), corpus)
+    tokens = tok.convert_ids_to_tokens(tok("A = (-6 * -7 - 0) = 42.\n", add_special_tokens=False)["input_ids"])
+    assert tokens == ["A", " =", " (", "-6", " *", " -7", " -", " 0", ")", " =", " 42", ".", "\n"]
+    # past the integer range, and unseen words with their space, split into known pieces
+    assert tok.convert_ids_to_tokens(tok(" -123", add_special_tokens=False)["input_ids"]) == [" -12", "##3"]
+    assert tok.unk_token_id not in tok(" zebra", add_special_tokens=False)["input_ids"]
+    # about half the tokens of the plain numeric tokenizer on a rationale
+    plain = train_tokenizer(_tiny("numeric", numeric_max_digits=2), corpus)
+    assert len(tok(corpus[0])["input_ids"]) < 0.75 * len(plain(corpus[0])["input_ids"])
 
 
 def test_tiny_model_round_trips_through_save_and_load(tmp_path, corpus):

@@ -62,9 +62,11 @@ class TinyModelConfig(Section):
     num_heads: int = Field(4, ge=1)
     intermediate_size: int = Field(512, ge=8)
     max_position_embeddings: int = Field(1024, ge=64)
-    tokenizer: Literal["numeric", "char", "bpe"] = Field(
+    tokenizer: Literal["numeric", "numeric_spaced", "char", "bpe"] = Field(
         "numeric",
-        description="numeric: integers and words as single tokens; char: one token per character; bpe: trained BPE.",
+        description="numeric: integers and words as single tokens; numeric_spaced: the same with one leading space "
+        "and a number's sign folded in (' -42' is one token; about half as many tokens); char: one token per "
+        "character; bpe: trained BPE.",
     )
     bpe_vocab_size: int = Field(512, ge=64, description="Vocabulary size when tokenizer=bpe.")
     numeric_max_digits: int = Field(
@@ -284,6 +286,13 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(384, ge=1)
     batch_size: int = Field(64, ge=1)
     every_iteration: bool = True
+    initial: bool = Field(True, description="Evaluate the starting model (iteration 0).")
+    extra_sets: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Named extra test sets, each the task's seen-split generator under other task options, e.g. "
+        "{bbh_style: {seen_group_sizes: [4], seen_nestings: ['2']}}; each set gets its own metrics.",
+    )
+    n_extra: int = Field(100, ge=1, description="Problems per extra test set.")
 
 
 # ------------------------------------------------------------------------ teacher
@@ -328,6 +337,14 @@ class RayConfig(Section):
 # ---------------------------------------------------------------------------- job
 
 
+class ExperimentConfig(Section):
+    """``tripost experiment``: TriPosT against an equal-token gold-SFT baseline, from one
+    shared SFT model, over several seeds (see :mod:`tripost_ray.experiment`)."""
+
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="One TriPosT run and one baseline run per seed.")
+    baseline: bool = Field(True, description="Run the arm that keeps fine-tuning on gold rationales.")
+
+
 class JobConfig(Section):
     """A whole TriPosT job."""
 
@@ -347,6 +364,7 @@ class JobConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
 
     @field_validator("task")
     @classmethod
@@ -360,6 +378,17 @@ class JobConfig(Section):
         except (TypeError, ValueError) as err:
             raise ValueError(f"task.difficulty: {err}") from None
         return task
+
+    @model_validator(mode="after")
+    def _known_extra_sets(self) -> "JobConfig":
+        from tripost_ray.tasks import get_task
+
+        for name, options in self.eval.extra_sets.items():
+            try:
+                get_task(self.task.name, **{**self.task.difficulty, **options})
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"eval.extra_sets.{name}: {err}") from None
+        return self
 
     # ------------------------------------------------------------------ helpers
 
