@@ -1,4 +1,4 @@
-"""The ``tripost`` command: run, eval, serve, report, submit.
+"""The ``tripost`` command: run, experiment, eval, serve, report, submit.
 
 Each sub-command is a thin shell over a function of the package; handlers are imported
 lazily so ``tripost --help`` stays fast and a missing optional part names itself.
@@ -13,6 +13,7 @@ import sys
 # sub-command -> "module:function(args) -> int"
 HANDLERS = {
     "run": "tripost_ray.pipeline:main_run",
+    "experiment": "tripost_ray.experiment:main_experiment",
     "eval": "tripost_ray.evaluate:main_eval",
     "serve": "tripost_ray.serve.teacher:main_serve",
     "report": "tripost_ray.report:main_report",
@@ -30,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dotted override, e.g. -o train.epochs=2 (repeatable)")
     run.add_argument("--dry-run", action="store_true", help="print config, resource plan and cost estimate; run nothing")
     run.add_argument("--force", action="store_true", help="recompute finished stages whose config changed")
+
+    exp = sub.add_parser("experiment", help="TriPosT against an equal-token gold-SFT baseline, over seeds")
+    exp.add_argument("config", help="job YAML with an experiment section (see jobs/reproduce_cpu.yaml)")
+    exp.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                     help="dotted override, e.g. -o experiment.seeds=[0] (repeatable)")
+    exp.add_argument("--force", action="store_true", help="recompute finished stages whose config changed")
 
     ev = sub.add_parser("eval", help="evaluate a model with self-improving inference")
     ev.add_argument("--model", required=True, help="model path, fsspec URL or hub name")

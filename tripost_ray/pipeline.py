@@ -170,12 +170,21 @@ class Job:
         return {"model": storage.join(url, "model"), "train": result}
 
     def evaluate(self, t: int, model: str, probs: Problems, model_stage: str) -> dict:
+        """Metrics on the test splits, plus one entry under ``extra`` per ``eval.extra_sets``."""
         from tripost_ray.evaluate import evaluate_model
 
         def body(url: str) -> dict:
             metrics = evaluate_model(model, self.cfg.task.name, probs.test, self.cfg,
                                      output_uri=storage.join(url, "outputs"))
-            return {"metrics": metrics}
+            extra = {}
+            for name, options in self.cfg.eval.extra_sets.items():
+                task_options = {**self.cfg.task.difficulty, **options}
+                problems = get_task(self.cfg.task.name, **task_options).generate(
+                    self.cfg.eval.n_extra, "test_seen", seed=self.cfg.task.seed)
+                extra[name] = evaluate_model(model, self.cfg.task.name, problems, self.cfg,
+                                             output_uri=storage.join(url, f"outputs_{name}"),
+                                             task_options=task_options)
+            return {"metrics": metrics, **({"extra": extra} if extra else {})}
 
         return self._stage(f"iter_{t}/eval", ("eval", "rollout"), body, inputs=(model_stage, "problems"))
 
@@ -274,7 +283,8 @@ def run_job(cfg: JobConfig, *, force: bool = False) -> dict:
         probs = job.problems()
         model = job.initial_model(probs)
         model, model_stage = job.sft(probs, model)
-        job.evaluate(0, model, probs, model_stage)
+        if cfg.eval.initial:
+            job.evaluate(0, model, probs, model_stage)
         for t in range(1, cfg.iterations + 1):
             editing_stages = []
             for p in range(cfg.rollout.max_passes):

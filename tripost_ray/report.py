@@ -54,6 +54,8 @@ def summarize(root: str, wall_s: float | None = None) -> dict[str, Any]:
         it = iterations.setdefault(t, {"iteration": t, "editing": []})
         if stage.endswith("/eval"):
             it["metrics"] = m.get("metrics", {})
+            if m.get("extra"):
+                it["extra"] = m["extra"]
         elif stage.endswith("/editing"):
             it["editing"].append(m.get("summary", {}))
         elif stage.endswith("/postprocess"):

@@ -53,14 +53,19 @@ def remove(url: str) -> None:
         fs.rm(path, recursive=True)
 
 
-def write_text_atomic(url: str, text: str) -> None:
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Write to a temporary name beside ``url``, then rename: readers never see half a file."""
     fs, path = fs_for(url)
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
     tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-    with fs.open(tmp, "w") as f:
-        f.write(text)
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
     fs.mv(tmp, path)
+
+
+def write_text_atomic(url: str, text: str) -> None:
+    write_bytes_atomic(url, text.encode())
 
 
 def write_json(url: str, data: Any) -> None:

@@ -1,0 +1,270 @@
+"""Does it self-improve? TriPosT against an equal-token gold-SFT baseline, over seeds.
+
+``tripost experiment CONFIG`` runs, under ``<storage.path>/<run_name>/``:
+
+1. ``sft/``: one job with ``iterations=0``: the problems, the tiny model, the gold-rationale
+   warm-up, and the evaluation of that starting model (iteration 0 of both arms);
+2. per seed ``s``, ``tripost-seed<s>/``: a TriPosT job of ``iterations`` iterations that
+   starts from the SFT model (``sft.epochs=0``), with the rollout, rebalancing and
+   training seeds set to ``s``;
+3. per seed ``s``, ``gold_sft-seed<s>/``: the baseline. From the same SFT model it keeps
+   fine-tuning on gold rationales of the train problems, iteration by iteration, for as
+   many training tokens as the TriPosT run of the same seed trained on in that iteration
+   (same trainer, learning rate and epochs); then evaluates exactly like TriPosT.
+
+Every run is an ordinary resumable run (stages, manifests, ``tripost report``); the
+experiment adds ``experiment.json``, ``experiment.md`` and ``accuracy.png`` that summarise
+all of them: accuracy per iteration and arm as mean and standard deviation over seeds,
+the self-improvement metrics, LLM calls, training tokens and time per stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import statistics
+import time
+from typing import Any
+
+from tripost_ray import storage
+from tripost_ray.config import JobConfig, load_config
+from tripost_ray.pipeline import Job, _token_counter, gold_sft_examples, run_job, setup_logging
+from tripost_ray.ray_setup import init_ray
+from tripost_ray.report import summarize, write_report
+from tripost_ray.stages import MANIFEST
+
+log = logging.getLogger("tripost")
+
+ARMS = ("tripost", "gold_sft")
+METRIC_KEYS = ("seen", "unseen", "total")
+SI_KEYS = ("attempt_rate", "fixed_rate", "broken_correct_rate")
+
+
+# ------------------------------------------------------------------ run configs
+
+
+def _derived(cfg: JobConfig, run_name: str, **updates: Any) -> JobConfig:
+    """A child job config stored under the experiment's folder."""
+    data = cfg.model_dump(mode="json")
+    data["run_name"] = run_name
+    data["storage"]["path"] = storage.join(storage.normalize(cfg.storage.path), cfg.run_name)
+    for dotted, value in updates.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return JobConfig.model_validate(data)
+
+
+def sft_config(cfg: JobConfig) -> JobConfig:
+    """The shared starting point: SFT warm-up plus its evaluation, no iteration, no teacher."""
+    return _derived(cfg, "sft", iterations=0, **{"eval.initial": True, "teacher.enabled": False,
+                                                  "feedback.provider": "scripted", "improve.provider": "scripted"})
+
+
+def arm_config(cfg: JobConfig, arm: str, seed: int, sft_model: str) -> JobConfig:
+    """One arm and seed, starting from the SFT model (its iteration 0 is the SFT run's)."""
+    updates: dict[str, Any] = {"model.source": sft_model, "sft.epochs": 0, "eval.initial": False,
+                               "seed": seed, "rollout.seed": seed, "postprocess.seed": seed, "train.seed": seed}
+    if arm == "gold_sft":
+        updates.update({"teacher.enabled": False, "feedback.provider": "scripted", "improve.provider": "scripted"})
+    return _derived(cfg, f"{arm}-seed{seed}", **updates)
+
+
+# ------------------------------------------------------------------- baseline
+
+
+def gold_rows_for_tokens(job: Job, problems: list, tokens_per_epoch: int, seed: int, count_tokens) -> list[dict]:
+    """Gold-rationale rows (the SFT format) in a seeded order, cycling, until their tokens
+    reach ``tokens_per_epoch``: the baseline's data for one iteration."""
+    rows = gold_sft_examples(job.task, problems)
+    random.Random(seed).shuffle(rows)
+    out, tokens = [], 0
+    while tokens < tokens_per_epoch:
+        row = rows[len(out) % len(rows)]
+        out.append(row)
+        tokens += count_tokens(row["text"]) + 1  # + the EOS the trainer appends
+    return out
+
+
+def run_gold_baseline(cfg: JobConfig, token_targets: list[int], *, force: bool = False) -> dict:
+    """The baseline arm: iteration t trains on gold rationales for ``token_targets[t-1]``
+    training tokens (over ``train.epochs`` epochs), then evaluates."""
+    job = Job(cfg, force=force)
+    storage.write_text_atomic(job.run.url("config.yaml"), cfg.to_yaml())
+    started = time.time()
+    init_ray(cfg.ray)
+    probs = job.problems()
+    model = job.initial_model(probs)
+    model_stage = "model_init"
+    for t, target in enumerate(token_targets, start=1):
+        name = f"iter_{t}/train"
+        current = model
+
+        def body(url: str, t: int = t, target: int = target, current: str = current) -> dict:
+            per_epoch = int(target / cfg.train.epochs)
+            rows = gold_rows_for_tokens(job, probs.train, per_epoch, cfg.train.seed + t, _token_counter(current))
+            return {**job._train(url, name, rows, current), "n_examples": len(rows), "target_tokens": target}
+
+        config_hash = f"{cfg.section_hash('train')}-{target}"  # a new target is a new stage
+        job.run.stage(name, config_hash, body, inputs=(model_stage, "problems"))
+        model, model_stage = job.run.manifests[name]["model"], name
+        job.evaluate(t, model, probs, model_stage)
+    summary = summarize(job.run.root, wall_s=time.time() - started)
+    write_report(job.run.root, summary)
+    return summary
+
+
+# --------------------------------------------------------------------- driver
+
+
+def run_experiment(cfg: JobConfig, *, force: bool = False) -> dict:
+    """Run (or resume) the whole experiment; returns the aggregate written to experiment.json."""
+    root = storage.join(storage.normalize(cfg.storage.path), cfg.run_name)
+    storage.write_text_atomic(storage.join(root, "config.yaml"), cfg.to_yaml())
+    started = time.time()
+    init_ray(cfg.ray)
+    log.info("experiment %s: shared SFT model", root)
+    sft = run_job(sft_config(cfg), force=force)
+    model_stage = "sft" if cfg.sft.epochs > 0 else "model_init"
+    sft_model = storage.read_json(storage.join(root, "sft", model_stage, MANIFEST))["model"]
+    summaries: dict[str, dict[int, dict]] = {arm: {} for arm in ARMS}
+    for seed in cfg.experiment.seeds:
+        log.info("experiment: TriPosT, seed %d", seed)
+        summaries["tripost"][seed] = run_job(arm_config(cfg, "tripost", seed, sft_model), force=force)
+        if cfg.experiment.baseline:
+            targets = [int(it["train"]["tokens_trained"]) for it in summaries["tripost"][seed]["iterations"]
+                       if it.get("train")]
+            log.info("experiment: gold-SFT baseline, seed %d, token targets %s", seed, targets)
+            summaries["gold_sft"][seed] = run_gold_baseline(arm_config(cfg, "gold_sft", seed, sft_model), targets,
+                                                            force=force)
+    result = aggregate(sft, summaries, cfg)
+    result["wall_s_this_invocation"] = round(time.time() - started, 1)
+    write_experiment(root, result)
+    return result
+
+
+# ------------------------------------------------------------------ aggregate
+
+
+def _mean_std(values: list[float]) -> dict[str, float | int | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def _iteration_metrics(it: dict) -> dict[str, float | None]:
+    """The flat per-iteration numbers of one run's summary row."""
+    m = it.get("metrics") or {}
+    out: dict[str, float | None] = {k: (m.get("accuracy") or {}).get(k) for k in METRIC_KEYS}
+    out.update({k: (m.get("self_improvement") or {}).get(k) for k in SI_KEYS})
+    for name, extra in (it.get("extra") or {}).items():
+        out[name] = (extra.get("accuracy") or {}).get("seen")
+    train = it.get("train") or {}
+    out["train_tokens"] = train.get("tokens_trained")
+    out["train_examples"] = it.get("examples")
+    out["llm_calls"] = it["llm"]["calls"]
+    return out
+
+
+def aggregate(sft: dict, summaries: dict[str, dict[int, dict]], cfg: JobConfig) -> dict:
+    """Mean and standard deviation over seeds, per arm and iteration (iteration 0 = SFT)."""
+    start = next((_iteration_metrics(it) for it in sft["iterations"] if it["iteration"] == 0), {})
+    arms: dict[str, Any] = {}
+    for arm, by_seed in summaries.items():
+        if not by_seed:
+            continue
+        per_seed = {seed: {it["iteration"]: _iteration_metrics(it) for it in s["iterations"] if it.get("metrics")}
+                    for seed, s in by_seed.items()}
+        iterations = sorted({t for runs in per_seed.values() for t in runs})
+        keys = sorted({k for runs in per_seed.values() for m in runs.values() for k in m})
+        table = [{"iteration": 0, **{k: _mean_std([start.get(k)]) for k in keys}}]
+        for t in iterations:
+            table.append({"iteration": t, **{k: _mean_std([runs[t].get(k) for runs in per_seed.values() if t in runs])
+                                             for k in keys}})
+        stage_times: dict[str, list[float]] = {}
+        for s in by_seed.values():
+            for stage, secs in s["stage_times_s"].items():
+                stage_times.setdefault(stage, []).append(secs)
+        arms[arm] = {"per_seed": per_seed, "table": table,
+                     "stage_times_s": {k: round(statistics.fmean(v), 1) for k, v in stage_times.items()},
+                     "run_time_s": _mean_std([s["total_stage_time_s"] for s in by_seed.values()])}
+    return {"seeds": list(cfg.experiment.seeds), "start": start, "arms": arms,
+            "sft_stage_times_s": sft["stage_times_s"], "sft_time_s": sft["total_stage_time_s"],
+            "total_stage_time_s": round(sft["total_stage_time_s"] + sum(
+                s["total_stage_time_s"] for by_seed in summaries.values() for s in by_seed.values()), 1)}
+
+
+def _cell(stat: dict, pct: bool = True) -> str:
+    if stat["mean"] is None:
+        return "-"
+    if pct:
+        return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+    return f"{stat['mean']:,.0f}"
+
+
+def format_experiment(result: dict) -> str:
+    """Markdown tables: accuracy per arm and iteration, self-improvement, tokens, calls, times."""
+    lines = [f"Seeds: {result['seeds']}; mean ± standard deviation over seeds (iteration 0 is the shared SFT model).", ""]
+    for arm, data in result["arms"].items():
+        keys = [k for k in data["table"][0] if k not in ("iteration",)]
+        acc_keys = [k for k in (*METRIC_KEYS, *(k for k in keys if k not in (*METRIC_KEYS, *SI_KEYS, "train_tokens",
+                                                                              "train_examples", "llm_calls"))) if k in keys]
+        head = ["iter", *acc_keys, "SI attempted", "SI fixed", "correct->wrong", "train tokens", "train ex.", "LLM calls"]
+        lines += [f"### {arm}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in data["table"]:
+            cells = [str(row["iteration"]), *(_cell(row[k]) for k in acc_keys), *(_cell(row[k]) for k in SI_KEYS),
+                     *(_cell(row[k], pct=False) for k in ("train_tokens", "train_examples", "llm_calls"))]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "Mean time per stage (s): " + ", ".join(f"{k} {v}" for k, v in data["stage_times_s"].items()),
+                  ""]
+    lines.append(f"Shared SFT: {result['sft_time_s']:.0f} s of stage time. All stages of all runs: "
+                 f"{result['total_stage_time_s']:.0f} s.")
+    return "\n".join(lines)
+
+
+def plot_accuracy(result: dict, path: str) -> None:
+    """Accuracy per iteration for both arms, error bars = standard deviation over seeds."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in result["arms"].get("tripost", {}).get("table", [{}])[0]
+            if k not in ("iteration", *SI_KEYS, "train_tokens", "train_examples", "llm_calls")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for arm, data in result["arms"].items():
+            rows = [r for r in data["table"] if r[key]["mean"] is not None]
+            ax.errorbar([r["iteration"] for r in rows], [100 * r[key]["mean"] for r in rows],
+                        yerr=[100 * r[key]["std"] for r in rows], marker="o", capsize=3, label=arm)
+        ax.set_title(f"accuracy: {key}")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("%")
+        ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    storage.write_bytes_atomic(path, buf.getvalue())
+
+
+def write_experiment(root: str, result: dict) -> None:
+    storage.write_json(storage.join(root, "experiment.json"), result)
+    storage.write_text_atomic(storage.join(root, "experiment.md"), "# TriPosT experiment\n\n" + format_experiment(result)
+                              + "\n\n![accuracy per iteration](accuracy.png)\n")
+    plot_accuracy(result, storage.join(root, "accuracy.png"))
+
+
+def main_experiment(args) -> int:
+    """``tripost experiment CONFIG [-o key=value ...] [--force]``."""
+    setup_logging()
+    cfg = load_config(args.config, args.override)
+    print("# resolved config\n" + cfg.to_yaml())
+    result = run_experiment(cfg, force=args.force)
+    print(format_experiment(result))
+    return 0
