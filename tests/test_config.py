@@ -162,6 +162,19 @@ def test_section_hash_is_stable_and_sensitive():
     assert build_config(None, ["eval.batch_size=3"]).section_hash("eval") != a.section_hash("eval")
 
 
+def test_the_sft_hash_ignores_the_train_fields_the_warm_up_overrides():
+    from tripost_ray.pipeline import SFT_OVERRIDDEN_TRAIN_FIELDS
+
+    ignore = {"train": SFT_OVERRIDDEN_TRAIN_FIELDS}
+    a = build_config()
+    retuned = build_config(None, ["train.learning_rate=0.5", "train.epochs=7", "train.feedback_weight=1.0"])
+    assert retuned.section_hash("sft", "train", ignore=ignore) == a.section_hash("sft", "train", ignore=ignore)
+    assert retuned.section_hash("sft", "train") != a.section_hash("sft", "train")
+    for other in ("train.micro_batch_size=3", "sft.learning_rate=0.5"):
+        assert build_config(None, [other]).section_hash("sft", "train", ignore=ignore) != \
+            a.section_hash("sft", "train", ignore=ignore)
+
+
 def test_to_yaml_round_trips_through_load(tmp_path):
     cfg = build_config(
         None,

@@ -396,10 +396,13 @@ class JobConfig(Section):
         """The resolved config as YAML (what is printed at start and saved with the run)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
-    def section_hash(self, *sections: str) -> str:
-        """A stable hash of some sections, used by stage manifests to detect changed configs."""
+    def section_hash(self, *sections: str, ignore: dict[str, tuple[str, ...]] | None = None) -> str:
+        """A stable hash of some sections, used by stage manifests to detect changed configs;
+        ``ignore`` leaves out fields a stage overrides (section -> field names)."""
         dumped = self.model_dump(mode="json")
         payload = {name: dumped[name] for name in sections} if sections else dumped
+        for name, fields in (ignore or {}).items():
+            payload[name] = {k: v for k, v in payload[name].items() if k not in fields}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -38,6 +38,8 @@ log = logging.getLogger("tripost")
 
 #: The environment variable that carries the key of the job's own teacher server.
 TEACHER_KEY_ENV = "TRIPOST_TEACHER_KEY"
+#: Fields of the train section the SFT warm-up does not use (it has its own, or no feedback).
+SFT_OVERRIDDEN_TRAIN_FIELDS = ("learning_rate", "epochs", "feedback_weight")
 
 
 # -------------------------------------------------------------------- problems
@@ -153,7 +155,10 @@ class Job:
             return self._train(url, "sft", gold_sft_examples(self.task, probs.sft), model,
                                learning_rate=self.cfg.sft.learning_rate, epochs=self.cfg.sft.epochs)
 
-        return self._stage("sft", ("sft", "train"), body, inputs=("model_init",))["model"], "sft"
+        # the warm-up brings its own epochs and learning rate and has no feedback tokens:
+        # retuning those for the iterations must not invalidate it
+        config_hash = self.cfg.section_hash("sft", "train", ignore={"train": SFT_OVERRIDDEN_TRAIN_FIELDS})
+        return self.run.stage("sft", config_hash, body, inputs=("model_init",))["model"], "sft"
 
     def _train(self, url: str, stage: str, examples, model: str, **overrides) -> dict:
         """Train into ``<url>/model``; the per-step history goes to ``<url>/history.json``.
