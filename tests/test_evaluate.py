@@ -31,6 +31,7 @@ def test_metrics_on_hand_made_outputs():
     si = m["self_improvement"]
     assert (si["n_attempted"], si["n_fixed"], si["n_broken_correct"], si["n_wrong_to_correct"]) == (4, 2, 1, 2)
     assert si["attempt_rate"] == 4 / 7 and si["fixed_rate"] == 0.5 and si["broken_correct_rate"] == 0.25
+    assert si["wrong_flagged_rate"] == 3 / 5 and si["right_flagged_rate"] == 1 / 2  # b e f of b d e f g; c of a c
     table = format_metrics(m)
     assert "50.0%" in table and "1/4" in table
 

@@ -52,6 +52,8 @@ def compute_metrics(records: list[dict]) -> dict[str, Any]:
     fixed = [r for r in attempted if r["correct"]]
     broken = [r for r in attempted if r["first_correct"] and not r["correct"]]
     repaired = [r for r in attempted if not r["first_correct"] and r["correct"]]
+    first_wrong = [r for r in records if not r["first_correct"]]
+    first_right = [r for r in records if r["first_correct"]]
     return {
         "n": n,
         "n_correct": n_correct,
@@ -64,6 +66,10 @@ def compute_metrics(records: list[dict]) -> dict[str, Any]:
             "n_broken_correct": len(broken),
             "broken_correct_rate": _rate(len(broken), len(attempted)),
             "n_wrong_to_correct": len(repaired),
+            # the model as its own verifier: how often its feedback flags a wrong first
+            # attempt (and so tries again), and how often it flags a right one
+            "wrong_flagged_rate": _rate(sum(int(r["n_turns"]) > 1 for r in first_wrong), len(first_wrong)),
+            "right_flagged_rate": _rate(sum(int(r["n_turns"]) > 1 for r in first_right), len(first_right)),
         },
     }
 

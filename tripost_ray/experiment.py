@@ -37,7 +37,9 @@ log = logging.getLogger("tripost")
 
 ARMS = ("tripost", "gold_sft")
 METRIC_KEYS = ("seen", "unseen", "total")
-SI_KEYS = ("attempt_rate", "fixed_rate", "broken_correct_rate")
+SI_KEYS = ("attempt_rate", "fixed_rate", "broken_correct_rate", "wrong_flagged_rate", "right_flagged_rate")
+SI_HEADERS = ("SI attempted", "SI fixed", "correct->wrong", "wrong flagged", "right flagged")
+COUNT_KEYS = ("train_tokens", "train_examples", "llm_calls")
 
 
 # ------------------------------------------------------------------ run configs
@@ -156,11 +158,25 @@ def _mean_std(values: list[float]) -> dict[str, float | int | None]:
             "n": len(values)}
 
 
-def _iteration_metrics(it: dict) -> dict[str, float | None]:
+def _self_improvement(it: dict, run_root: str) -> dict:
+    """The iteration's self-improvement metrics; runs evaluated before a metric existed get
+    it recomputed from their stored evaluation outputs (the same function, exact)."""
+    from tripost_ray.evaluate import compute_metrics
+    from tripost_ray.rollout import read_rollouts
+
+    si = (it.get("metrics") or {}).get("self_improvement") or {}
+    outputs = storage.join(run_root, f"iter_{it['iteration']}", "eval", "outputs")
+    if any(k not in si for k in SI_KEYS) and storage.exists(outputs):
+        si = compute_metrics(read_rollouts(outputs))["self_improvement"]
+    return si
+
+
+def _iteration_metrics(it: dict, run_root: str) -> dict[str, float | None]:
     """The flat per-iteration numbers of one run's summary row."""
     m = it.get("metrics") or {}
     out: dict[str, float | None] = {k: (m.get("accuracy") or {}).get(k) for k in METRIC_KEYS}
-    out.update({k: (m.get("self_improvement") or {}).get(k) for k in SI_KEYS})
+    si = _self_improvement(it, run_root)
+    out.update({k: si.get(k) for k in SI_KEYS})
     for name, extra in (it.get("extra") or {}).items():
         out[name] = (extra.get("accuracy") or {}).get("seen")
     train = it.get("train") or {}
@@ -172,12 +188,13 @@ def _iteration_metrics(it: dict) -> dict[str, float | None]:
 
 def aggregate(sft: dict, summaries: dict[str, dict[int, dict]], cfg: JobConfig) -> dict:
     """Mean and standard deviation over seeds, per arm and iteration (iteration 0 = SFT)."""
-    start = next((_iteration_metrics(it) for it in sft["iterations"] if it["iteration"] == 0), {})
+    start = next((_iteration_metrics(it, sft["run"]) for it in sft["iterations"] if it["iteration"] == 0), {})
     arms: dict[str, Any] = {}
     for arm, by_seed in summaries.items():
         if not by_seed:
             continue
-        per_seed = {seed: {it["iteration"]: _iteration_metrics(it) for it in s["iterations"] if it.get("metrics")}
+        per_seed = {seed: {it["iteration"]: _iteration_metrics(it, s["run"]) for it in s["iterations"]
+                           if it.get("metrics")}
                     for seed, s in by_seed.items()}
         iterations = sorted({t for runs in per_seed.values() for t in runs})
         keys = sorted({k for runs in per_seed.values() for m in runs.values() for k in m})
@@ -206,18 +223,22 @@ def _cell(stat: dict, pct: bool = True) -> str:
     return f"{stat['mean']:,.0f}"
 
 
+def _accuracy_keys(row: dict) -> list[str]:
+    """seen, unseen, total, then the extra test sets, of a table row."""
+    extra = sorted(k for k in row if k not in ("iteration", *METRIC_KEYS, *SI_KEYS, *COUNT_KEYS))
+    return [k for k in METRIC_KEYS if k in row] + extra
+
+
 def format_experiment(result: dict) -> str:
     """Markdown tables: accuracy per arm and iteration, self-improvement, tokens, calls, times."""
     lines = [f"Seeds: {result['seeds']}; mean ± standard deviation over seeds (iteration 0 is the shared SFT model).", ""]
     for arm, data in result["arms"].items():
-        keys = [k for k in data["table"][0] if k not in ("iteration",)]
-        acc_keys = [k for k in (*METRIC_KEYS, *(k for k in keys if k not in (*METRIC_KEYS, *SI_KEYS, "train_tokens",
-                                                                              "train_examples", "llm_calls"))) if k in keys]
-        head = ["iter", *acc_keys, "SI attempted", "SI fixed", "correct->wrong", "train tokens", "train ex.", "LLM calls"]
+        acc_keys = _accuracy_keys(data["table"][0])
+        head = ["iter", *acc_keys, *SI_HEADERS, "train tokens", "train ex.", "LLM calls"]
         lines += [f"### {arm}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in data["table"]:
             cells = [str(row["iteration"]), *(_cell(row[k]) for k in acc_keys), *(_cell(row[k]) for k in SI_KEYS),
-                     *(_cell(row[k], pct=False) for k in ("train_tokens", "train_examples", "llm_calls"))]
+                     *(_cell(row[k], pct=False) for k in COUNT_KEYS)]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "Mean time per stage (s): " + ", ".join(f"{k} {v}" for k, v in data["stage_times_s"].items()),
                   ""]
@@ -235,8 +256,7 @@ def plot_accuracy(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in result["arms"].get("tripost", {}).get("table", [{}])[0]
-            if k not in ("iteration", *SI_KEYS, "train_tokens", "train_examples", "llm_calls")]
+    keys = _accuracy_keys(next(iter(result["arms"].values()))["table"][0])
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for arm, data in result["arms"].items():
