@@ -55,7 +55,11 @@ class Problems:
 def make_problems(task: Task, cfg: JobConfig) -> Problems:
     """Generate (or load) the problems of a job; deterministic under ``task.seed``."""
     tc = cfg.task
-    n_gen = max(tc.n_train, cfg.sft.n_examples if cfg.sft.epochs > 0 else 0)
+    # the SFT pool (a superset of the train problems) also supplies the gold examples of
+    # rebalancing, so it exists even when the warm-up is skipped (a model fine-tuned
+    # elsewhere): drawn only from the train problems, most gold examples would duplicate
+    # terminal examples and be dropped
+    n_gen = max(tc.n_train, cfg.sft.n_examples)
     if tc.train_file:
         pool = load_problems(task, tc.train_file, split="train")
     else:
