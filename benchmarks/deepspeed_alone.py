@@ -1,0 +1,108 @@
+"""DeepSpeed's own per-step cost, without Ray: plain torch and a DeepSpeed engine step the
+same batches in one process (gloo, world size 1), interleaved step by step, so machine
+load hits both alike. It separates DeepSpeed's share of the training overhead from Ray
+Train's (see benchmarks/README.md).
+
+Usage: python benchmarks/deepspeed_alone.py [--zero 2] [--global-batch 8] [--steps 30]
+                                            [--zero-extra '{"stage3_param_persistence_threshold": 1e6}']
+Prints one line; writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"), RANK="0",
+                  WORLD_SIZE="1", LOCAL_RANK="0")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3])
+    ap.add_argument("--global-batch", type=int, default=8, help="a multiple of the micro batch 4")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup-steps", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--zero-extra", default="{}", help="JSON merged into zero_optimization")
+    args = ap.parse_args()
+
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from train import make_rows  # the training benchmark's data
+    from tripost_ray.config import TinyModelConfig, TrainConfig
+    from tripost_ray.models import build_tiny_model
+    from tripost_ray.training.dataset import BatchGeometry, collate, global_batch_totals, plan_global_batches, tokenize_rows
+    from tripost_ray.training.deepspeed_config import build_deepspeed_config
+    from tripost_ray.training.loss import micro_batch_objective, weighted_token_loss_sum
+    from tripost_ray.training.optim import build_optimizer, build_scheduler
+
+    torch.set_num_threads(args.threads)
+    micro, accum = 4, args.global_batch // 4
+    rows = make_rows(48, seed=0)
+    model_dir = build_tiny_model(TinyModelConfig(numeric_max_digits=3), [r["text"] for r in rows],
+                                 tempfile.mkdtemp(prefix="tripost-ds-alone-"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples = tokenize_rows(tokenizer, rows, 1024)
+    cfg = TrainConfig(zero_stage=args.zero, micro_batch_size=micro, grad_accum_steps=accum, learning_rate=1e-3)
+    plan = plan_global_batches([len(e) for e in examples], BatchGeometry(micro, accum, 1), 100.0, 0, 16)[:args.steps]
+
+    dist.init_process_group("gloo")
+    plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    wrapped = copy.deepcopy(plain)
+    optimizer = build_optimizer(plain, cfg, cfg.learning_rate)
+    scheduler = build_scheduler(optimizer, cfg, len(plan))
+    ds_opt = build_optimizer(wrapped, cfg, cfg.learning_rate)
+    ds_config = build_deepspeed_config(cfg, 1, False)
+    ds_config["zero_optimization"].update(json.loads(args.zero_extra))
+    engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=ds_opt, config=ds_config,
+                                           lr_scheduler=build_scheduler(ds_opt, cfg, len(plan)))
+
+    def micro_batches(batch):
+        return [collate([examples[i] for i in batch[j:j + micro]], tokenizer.pad_token_id)
+                for j in range(0, len(batch), micro)]
+
+    plain_s, ds_s = [], []
+    for batch in plan:
+        weight, _ = global_batch_totals(examples, batch)
+        t0 = time.perf_counter()
+        for b in micro_batches(batch):
+            s, _ = weighted_token_loss_sum(plain(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                           b["input_ids"], b["weights"])
+            micro_batch_objective(s, weight).backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        plain_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for b in micro_batches(batch):
+            s, _ = weighted_token_loss_sum(engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                           b["input_ids"], b["weights"])
+            engine.backward(micro_batch_objective(s, weight, world_size=1, grad_accum_steps=accum))
+            engine.step()
+        ds_s.append(time.perf_counter() - t0)
+    plain_s, ds_s = plain_s[args.warmup_steps:], ds_s[args.warmup_steps:]
+    print(f"ZeRO-{args.zero}, global batch {args.global_batch}, {len(plain_s)} steady steps, {args.threads} threads, "
+          f"zero extra {args.zero_extra}: DeepSpeed {sum(plain_s) / sum(ds_s):.3f}x the plain loop "
+          f"(median step {1e3 * statistics.median(ds_s):.0f} ms vs {1e3 * statistics.median(plain_s):.0f} ms)")
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
