@@ -15,7 +15,7 @@ from tripost_ray.plan import llm_call_estimate, resource_plan
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 JOB_FILES = sorted(JOBS.glob("*.yaml"))
-REPRODUCTION = [p for p in JOB_FILES if p.name.startswith("reproduce_")]
+REPRODUCTION = [p for p in JOB_FILES if p.name.startswith("reproduce_llama7b")]  # GPU-cluster configs
 
 
 def test_jobs_folder_holds_the_reproduction_configs():
