@@ -105,6 +105,33 @@ def test_ray_auth_headers(tmp_path, monkeypatch):
         ray_auth_headers({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
 
 
+def test_submission_is_retried_only_while_the_job_agent_is_not_up():
+    from tripost_ray.submit import NO_AGENT_YET, submit_when_agent_ready
+
+    class JobsApi:
+        """Answers like a head whose job agent comes up after ``not_ready`` requests."""
+
+        def __init__(self, not_ready: int, other_error: str | None = None):
+            self.not_ready, self.other_error, self.requests = not_ready, other_error, 0
+
+        def submit_job(self, **submission) -> str:
+            self.requests += 1
+            if self.other_error:
+                raise RuntimeError(self.other_error)
+            if self.requests <= self.not_ready:
+                raise RuntimeError(f"Request failed with status code 500: {NO_AGENT_YET}, please try again later..")
+            return submission["submission_id"]
+
+    api = JobsApi(not_ready=2)
+    assert submit_when_agent_ready(api, 5.0, retry_every_s=0.01, submission_id="s1") == "s1" and api.requests == 3
+    with pytest.raises(RuntimeError, match=NO_AGENT_YET):
+        submit_when_agent_ready(JobsApi(not_ready=10**6), 0.05, retry_every_s=0.01, submission_id="s2")
+    other = JobsApi(not_ready=0, other_error="Request failed with status code 400: bad runtime_env")
+    with pytest.raises(RuntimeError, match="bad runtime_env"):
+        submit_when_agent_ready(other, 5.0, retry_every_s=0.01, submission_id="s3")
+    assert other.requests == 1
+
+
 def test_relative_storage_path_is_refused_before_contacting_the_cluster(tmp_path):
     path = _config(tmp_path, "storage:\n  path: ./runs\n")
     # Port 9 (discard) has no job server: reaching it would be a different error.

@@ -42,6 +42,9 @@ SECRET_ENV_NAMES = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "HF_TOKEN")
 #: The job's config inside its working dir.
 JOB_CONFIG_NAME = "job.yaml"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+#: What the Jobs API answers while the head's job agent is not up yet (just after
+#: ``ray start``, or on a loaded head); a submission then is worth retrying.
+NO_AGENT_YET = "No available agent to submit job"
 PACKAGE_DIR = Path(__file__).resolve().parent
 _PACKAGE_EXCLUDES = ["__pycache__", "*.pyc", "*.egg-info"]
 
@@ -139,6 +142,7 @@ def submit_job(
     log_stream: TextIO | None = None,
     timeout_s: float | None = None,
     poll_s: float = 2.0,
+    agent_wait_s: float = 60.0,
 ) -> tuple[str, str]:
     """Submit a job config to the Ray cluster at ``address``; returns (submission_id, status).
 
@@ -146,6 +150,7 @@ def submit_job(
     return its final status; otherwise return right after submission. ``stage_dir``: where
     the job's working dir is built (default: a temporary dir removed after upload).
     ``timeout_s``: give up waiting (the job keeps running) with a :class:`SubmitError`.
+    ``agent_wait_s``: how long to retry while the head's job agent is not up yet.
     """
     from ray.exceptions import AuthenticationError
 
@@ -159,7 +164,8 @@ def submit_job(
         work.mkdir(parents=True, exist_ok=True)
         (work / JOB_CONFIG_NAME).write_text(cfg.to_yaml())
         try:
-            client.submit_job(
+            submit_when_agent_ready(
+                client, agent_wait_s,
                 entrypoint=entrypoint(force),
                 runtime_env=runtime_env(work, env_vars, pip),
                 submission_id=submission_id,
@@ -173,6 +179,20 @@ def submit_job(
     if not wait:
         return submission_id, str(client.get_job_status(submission_id).value)
     return submission_id, follow_job(client, submission_id, out, timeout_s=timeout_s, poll_s=poll_s)
+
+
+def submit_when_agent_ready(client, wait_s: float, retry_every_s: float = 2.0, **submission) -> str:
+    """``client.submit_job(**submission)``, retried while the Jobs API says its agent is not
+    up yet (nothing was submitted then); any other error, or the same one after
+    ``wait_s``, is raised."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(**submission)
+        except RuntimeError as err:
+            if NO_AGENT_YET not in str(err) or time.monotonic() >= deadline:
+                raise
+            time.sleep(retry_every_s)
 
 
 def _auth_help(address: str, err: Exception) -> str:
