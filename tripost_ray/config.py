@@ -417,22 +417,28 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``data[a][b][c] = value`` for ``dotted="a.b.c"`` in a raw config mapping,
+    creating missing sections (validation happens later, on the whole mapping)."""
+    keys = [k for k in dotted.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"override {dotted!r} names no field")
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply dotted ``key.sub=value`` overrides to a raw config mapping."""
+    """Apply dotted ``key.sub=value`` overrides (values parsed as YAML scalars) to a raw config mapping."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         dotted, value = item.split("=", 1)
-        keys = [k for k in dotted.strip().split(".") if k]
-        if not keys:
-            raise ConfigError(f"override {item!r} names no field")
-        node = data
-        for key in keys[:-1]:
-            child = node.setdefault(key, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {key!r} is not a section")
-            node = child
-        node[keys[-1]] = _parse_scalar(value)
+        set_dotted(data, dotted, _parse_scalar(value))
     return data
 
 

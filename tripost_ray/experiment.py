@@ -27,8 +27,8 @@ import time
 from typing import Any
 
 from tripost_ray import storage
-from tripost_ray.config import JobConfig, load_config
-from tripost_ray.pipeline import Job, _token_counter, gold_sft_examples, run_job, setup_logging
+from tripost_ray.config import JobConfig, load_config, set_dotted
+from tripost_ray.pipeline import Job, gold_sft_examples, run_job, setup_logging, token_counter
 from tripost_ray.ray_setup import init_ray
 from tripost_ray.report import summarize, write_report
 from tripost_ray.stages import MANIFEST
@@ -51,11 +51,7 @@ def _derived(cfg: JobConfig, run_name: str, **updates: Any) -> JobConfig:
     data["run_name"] = run_name
     data["storage"]["path"] = storage.join(storage.normalize(cfg.storage.path), cfg.run_name)
     for dotted, value in updates.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
+        set_dotted(data, dotted, value)
     return JobConfig.model_validate(data)
 
 
@@ -102,12 +98,11 @@ def run_gold_baseline(cfg: JobConfig, token_targets: list[int], *, force: bool =
     model_stage = "model_init"
     for t, target in enumerate(token_targets, start=1):
         name = f"iter_{t}/train"
-        current = model
 
-        def body(url: str, t: int = t, target: int = target, current: str = current) -> dict:
+        def body(url: str) -> dict:  # runs inside job.run.stage, before the loop moves on
             per_epoch = int(target / cfg.train.epochs)
-            rows = gold_rows_for_tokens(job, probs.train, per_epoch, cfg.train.seed + t, _token_counter(current))
-            return {**job._train(url, name, rows, current), "n_examples": len(rows), "target_tokens": target}
+            rows = gold_rows_for_tokens(job, probs.train, per_epoch, cfg.train.seed + t, token_counter(model))
+            return {**job.train_stage(url, name, rows, model), "n_examples": len(rows), "target_tokens": target}
 
         config_hash = f"{cfg.section_hash('train')}-{target}"  # a new target is a new stage
         job.run.stage(name, config_hash, body, inputs=(model_stage, "problems"))

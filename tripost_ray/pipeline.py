@@ -156,7 +156,7 @@ class Job:
         if self.cfg.sft.epochs <= 0:
             return model, "model_init"
         def body(url: str) -> dict:
-            return self._train(url, "sft", gold_sft_examples(self.task, probs.sft), model,
+            return self.train_stage(url, "sft", gold_sft_examples(self.task, probs.sft), model,
                                learning_rate=self.cfg.sft.learning_rate, epochs=self.cfg.sft.epochs)
 
         # the warm-up brings its own epochs and learning rate and has no feedback tokens:
@@ -164,7 +164,7 @@ class Job:
         config_hash = self.cfg.section_hash("sft", "train", ignore={"train": SFT_OVERRIDDEN_TRAIN_FIELDS})
         return self.run.stage("sft", config_hash, body, inputs=("model_init",))["model"], "sft"
 
-    def _train(self, url: str, stage: str, examples, model: str, **overrides) -> dict:
+    def train_stage(self, url: str, stage: str, examples, model: str, **overrides) -> dict:
         """Train into ``<url>/model``; the per-step history goes to ``<url>/history.json``.
 
         The Ray Train run is named after the stage and its config hash: a stage killed
@@ -240,7 +240,7 @@ class Job:
             # Gold rationales come from the larger SFT pool (a superset of the train problems):
             # the terminal examples of edited trajectories already repeat most train golds.
             gold = [(pr, self.task.gold_rationale(pr)) for pr in (probs.sft or probs.train)]
-            count_tokens = _token_counter(model)
+            count_tokens = token_counter(model)
             result = postprocess(trajectories, gold, self.cfg.postprocess, self.cfg.train.feedback_weight,
                                  count_tokens, seed=self.cfg.postprocess.seed + t)
             out = storage.join(url, "train.parquet")
@@ -255,7 +255,7 @@ class Job:
         name = f"iter_{t}/train"
 
         def body(url: str) -> dict:
-            return self._train(url, name, self.run.manifests[pp_stage]["data"], model)
+            return self.train_stage(url, name, self.run.manifests[pp_stage]["data"], model)
 
         self._stage(name, ("train",), body, inputs=(pp_stage, model_stage))
         return name
@@ -264,7 +264,7 @@ class Job:
         return sum(int(self.run.manifests[s]["summary"]["trajectories"]) for s in editing_stages)
 
 
-def _token_counter(model: str):
+def token_counter(model: str):
     """Token counts with the model's own tokenizer (for the 1024-token filter)."""
     from transformers import AutoTokenizer
 
