@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tripost_ray.config import TrainConfig
-from tripost_ray.training.deepspeed_config import TrainSetupError, build_deepspeed_config, resolve_precision
+from tripost_ray.training.deepspeed_config import (TrainSetupError, build_deepspeed_config, config_warnings,
+                                                   resolve_precision)
 from tripost_ray.training.loss import micro_batch_objective, weighted_loss, weighted_token_loss_sum
 from tripost_ray.training.optim import lr_factor
 
@@ -151,3 +152,10 @@ def test_unusable_setups_are_refused_naming_the_field(kwargs, use_gpu, field):
     with pytest.raises(TrainSetupError, match=field):
         resolve_precision(cfg, use_gpu)
         build_deepspeed_config(cfg, world_size=1, use_gpu=use_gpu)
+
+
+def test_zero3_on_one_worker_without_offload_is_flagged_as_wasted_time():
+    assert any("zero_stage=3 on a single worker" in w for w in config_warnings(TrainConfig(zero_stage=3, num_workers=1)))
+    for fine in (TrainConfig(zero_stage=3, num_workers=2), TrainConfig(zero_stage=2, num_workers=1),
+                 TrainConfig(zero_stage=3, num_workers=1, offload_params=True)):
+        assert config_warnings(fine) == []

@@ -27,6 +27,16 @@ def resolve_precision(cfg: TrainConfig, use_gpu: bool) -> Precision:
     return cfg.precision  # type: ignore[return-value]
 
 
+def config_warnings(cfg: TrainConfig) -> list[str]:
+    """Settings that run but waste time; the trainer logs these once, on the driver."""
+    warnings = []
+    if cfg.zero_stage == 3 and cfg.num_workers == 1 and not cfg.offload_params:
+        warnings.append("train.zero_stage=3 on a single worker partitions nothing and only adds ZeRO-3's "
+                        "per-module gather/release work (measured in benchmarks/README.md); use zero_stage=2 "
+                        "unless train.offload_params is on")
+    return warnings
+
+
 def build_deepspeed_config(cfg: TrainConfig, world_size: int, use_gpu: bool) -> dict[str, Any]:
     """The ``config=`` dict for ``deepspeed.initialize`` (optimizer and scheduler come from torch)."""
     if cfg.offload_params and cfg.zero_stage != 3:

@@ -51,7 +51,8 @@ from tripost_ray.training.dataset import (
     tokenize_rows,
     validate_row,
 )
-from tripost_ray.training.deepspeed_config import TrainSetupError, build_deepspeed_config, resolve_precision
+from tripost_ray.training.deepspeed_config import (TrainSetupError, build_deepspeed_config, config_warnings,
+                                                   resolve_precision)
 
 log = logging.getLogger("tripost_ray.training")
 
@@ -365,6 +366,8 @@ def train(examples, init_model: str, output_dir: str, cfg: TrainConfig, *, run_n
         raise TrainSetupError(f"learning_rate ({lr}) and epochs ({n_epochs}) must be > 0")
     resolve_precision(cfg, cfg.use_gpu)
     build_deepspeed_config(cfg, cfg.num_workers, cfg.use_gpu)  # config errors before any work
+    for warning in config_warnings(cfg):
+        log.warning(warning)
     if not ray.is_initialized():
         ray.init()
     ds = _as_dataset(examples)
