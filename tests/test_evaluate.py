@@ -32,6 +32,11 @@ def test_metrics_on_hand_made_outputs():
     assert (si["n_attempted"], si["n_fixed"], si["n_broken_correct"], si["n_wrong_to_correct"]) == (4, 2, 1, 2)
     assert si["attempt_rate"] == 4 / 7 and si["fixed_rate"] == 0.5 and si["broken_correct_rate"] == 0.25
     assert si["wrong_flagged_rate"] == 3 / 5 and si["right_flagged_rate"] == 1 / 2  # b e f of b d e f g; c of a c
+    seen, unseen = (m["self_improvement_by_split"][k] for k in ("seen", "unseen"))
+    assert (seen["attempt_rate"], seen["fixed_rate"], seen["broken_correct_rate"]) == (0.5, 0.5, 0.5)  # b c of a-d
+    assert seen["wrong_flagged_rate"] == 0.5 and seen["right_flagged_rate"] == 0.5  # b of b d; c of a c
+    assert (unseen["attempt_rate"], unseen["fixed_rate"], unseen["broken_correct_rate"]) == (2 / 3, 0.5, 0.0)
+    assert unseen["wrong_flagged_rate"] == 2 / 3 and unseen["right_flagged_rate"] is None  # e f of e f g; no right
     table = format_metrics(m)
     assert "50.0%" in table and "1/4" in table
 

@@ -56,6 +56,8 @@ def test_reduced_experiment_runs_both_arms_with_equal_tokens_and_resumes(ray_clu
         gold = result["arms"]["gold_sft"]["per_seed"][seed][1]
         assert tri["train_tokens"] > 0 and tri["llm_calls"] > 0 and gold["llm_calls"] == 0
         assert abs(gold["train_tokens"] - tri["train_tokens"]) <= 0.1 * tri["train_tokens"]
+        assert tri["train_examples"] > 0 and gold["train_examples"] > 0
+        assert all(key in tri for key in ("fixed_rate", "wrong_flagged_rate_seen", "right_flagged_rate_seen"))
 
     # both arms started from the SFT run's model, with the seed applied to every sampler
     for arm in ("tripost", "gold_sft"):

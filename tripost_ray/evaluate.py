@@ -33,8 +33,36 @@ def _rate(num: int, den: int) -> float | None:
     return num / den if den else None
 
 
+def self_improvement_metrics(records: list[dict]) -> dict[str, Any]:
+    """How the model's own feedback and updates changed its first attempts in ``records``."""
+    attempted = [r for r in records if int(r["n_turns"]) > 1]
+    fixed = [r for r in attempted if r["correct"]]
+    broken = [r for r in attempted if r["first_correct"] and not r["correct"]]
+    repaired = [r for r in attempted if not r["first_correct"] and r["correct"]]
+    first_wrong = [r for r in records if not r["first_correct"]]
+    first_right = [r for r in records if r["first_correct"]]
+    return {
+        "n_attempted": len(attempted),
+        "attempt_rate": _rate(len(attempted), len(records)),
+        "n_fixed": len(fixed),
+        "fixed_rate": _rate(len(fixed), len(attempted)),
+        "n_broken_correct": len(broken),
+        "broken_correct_rate": _rate(len(broken), len(attempted)),
+        "n_wrong_to_correct": len(repaired),
+        # the model as its own verifier: how often its feedback flags a wrong first
+        # attempt (and so tries again), and how often it flags a right one
+        "wrong_flagged_rate": _rate(sum(int(r["n_turns"]) > 1 for r in first_wrong), len(first_wrong)),
+        "right_flagged_rate": _rate(sum(int(r["n_turns"]) > 1 for r in first_right), len(first_right)),
+    }
+
+
 def compute_metrics(records: list[dict]) -> dict[str, Any]:
-    """Accuracy (seen / unseen / total) and self-improvement metrics of rollout records."""
+    """Accuracy (seen / unseen / total) and self-improvement metrics of rollout records.
+
+    ``self_improvement`` pools both splits, as the paper's tables do; ``self_improvement_by_split``
+    keeps them apart, because on unseen problems a weak model's garbled output is "flagged"
+    by equally garbled feedback, which can hide that it never flags its seen mistakes.
+    """
     for i, r in enumerate(records):
         missing = [k for k in REQUIRED if k not in r]
         if missing:
@@ -48,29 +76,12 @@ def compute_metrics(records: list[dict]) -> dict[str, Any]:
     }
     n = {k: len(v) for k, v in groups.items()}
     n_correct = {k: sum(bool(r["correct"]) for r in v) for k, v in groups.items()}
-    attempted = [r for r in records if int(r["n_turns"]) > 1]
-    fixed = [r for r in attempted if r["correct"]]
-    broken = [r for r in attempted if r["first_correct"] and not r["correct"]]
-    repaired = [r for r in attempted if not r["first_correct"] and r["correct"]]
-    first_wrong = [r for r in records if not r["first_correct"]]
-    first_right = [r for r in records if r["first_correct"]]
     return {
         "n": n,
         "n_correct": n_correct,
         "accuracy": {k: _rate(n_correct[k], n[k]) for k in groups},
-        "self_improvement": {
-            "n_attempted": len(attempted),
-            "attempt_rate": _rate(len(attempted), n["total"]),
-            "n_fixed": len(fixed),
-            "fixed_rate": _rate(len(fixed), len(attempted)),
-            "n_broken_correct": len(broken),
-            "broken_correct_rate": _rate(len(broken), len(attempted)),
-            "n_wrong_to_correct": len(repaired),
-            # the model as its own verifier: how often its feedback flags a wrong first
-            # attempt (and so tries again), and how often it flags a right one
-            "wrong_flagged_rate": _rate(sum(int(r["n_turns"]) > 1 for r in first_wrong), len(first_wrong)),
-            "right_flagged_rate": _rate(sum(int(r["n_turns"]) > 1 for r in first_right), len(first_right)),
-        },
+        "self_improvement": self_improvement_metrics(records),
+        "self_improvement_by_split": {k: self_improvement_metrics(groups[k]) for k in ("seen", "unseen")},
     }
 
 

@@ -37,8 +37,10 @@ log = logging.getLogger("tripost")
 
 ARMS = ("tripost", "gold_sft")
 METRIC_KEYS = ("seen", "unseen", "total")
-SI_KEYS = ("attempt_rate", "fixed_rate", "broken_correct_rate", "wrong_flagged_rate", "right_flagged_rate")
-SI_HEADERS = ("SI attempted", "SI fixed", "correct->wrong", "wrong flagged", "right flagged")
+# pooled over the test splits, like the paper; the model-as-verifier rates on the seen split
+# only, where its outputs are well-formed enough for "flagged" to mean something
+SI_KEYS = ("attempt_rate", "fixed_rate", "broken_correct_rate", "wrong_flagged_rate_seen", "right_flagged_rate_seen")
+SI_HEADERS = ("SI attempted", "SI fixed", "correct->wrong", "wrong flagged (seen)", "right flagged (seen)")
 COUNT_KEYS = ("train_tokens", "train_examples", "llm_calls")
 
 
@@ -153,25 +155,26 @@ def _mean_std(values: list[float]) -> dict[str, float | int | None]:
             "n": len(values)}
 
 
-def _self_improvement(it: dict, run_root: str) -> dict:
-    """The iteration's self-improvement metrics; runs evaluated before a metric existed get
-    it recomputed from their stored evaluation outputs (the same function, exact)."""
+def _self_improvement(it: dict, run_root: str) -> dict[str, float | None]:
+    """The iteration's ``SI_KEYS``; runs evaluated before a metric existed get it
+    recomputed from their stored evaluation outputs (the same function, exact)."""
     from tripost_ray.evaluate import compute_metrics
     from tripost_ray.rollout import read_rollouts
 
-    si = (it.get("metrics") or {}).get("self_improvement") or {}
+    metrics = it.get("metrics") or {}
     outputs = storage.join(run_root, f"iter_{it['iteration']}", "eval", "outputs")
-    if any(k not in si for k in SI_KEYS) and storage.exists(outputs):
-        si = compute_metrics(read_rollouts(outputs))["self_improvement"]
-    return si
+    if "self_improvement_by_split" not in metrics and storage.exists(outputs):
+        metrics = compute_metrics(read_rollouts(outputs))
+    pooled = metrics.get("self_improvement") or {}
+    seen = (metrics.get("self_improvement_by_split") or {}).get("seen") or {}
+    return {k: pooled.get(k) if k in pooled else seen.get(k.removesuffix("_seen")) for k in SI_KEYS}
 
 
 def _iteration_metrics(it: dict, run_root: str) -> dict[str, float | None]:
     """The flat per-iteration numbers of one run's summary row."""
     m = it.get("metrics") or {}
     out: dict[str, float | None] = {k: (m.get("accuracy") or {}).get(k) for k in METRIC_KEYS}
-    si = _self_improvement(it, run_root)
-    out.update({k: si.get(k) for k in SI_KEYS})
+    out.update(_self_improvement(it, run_root))
     for name, extra in (it.get("extra") or {}).items():
         out[name] = (extra.get("accuracy") or {}).get("seen")
     train = it.get("train") or {}

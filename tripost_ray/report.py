@@ -64,6 +64,8 @@ def summarize(root: str, wall_s: float | None = None) -> dict[str, Any]:
             it["example_counts"] = m.get("counts", {})
         elif stage.endswith("/train"):
             it["train"] = {k: v for k, v in (m.get("train") or {}).items() if k != "history"}
+            if "n_examples" in m:  # a train stage that made its own data (the gold-SFT baseline)
+                it["examples"] = m["n_examples"]
     rows = []
     for t in sorted(iterations):
         it = iterations[t]
