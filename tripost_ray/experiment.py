@@ -39,7 +39,9 @@ ARMS = ("tripost", "gold_sft")
 METRIC_KEYS = ("seen", "unseen", "total")
 # pooled over the test splits, like the paper; the model-as-verifier rates on the seen split
 # only, where its outputs are well-formed enough for "flagged" to mean something
-SI_KEYS = ("attempt_rate", "fixed_rate", "broken_correct_rate", "wrong_flagged_rate_seen", "right_flagged_rate_seen")
+POOLED_SI_KEYS = ("attempt_rate", "fixed_rate", "broken_correct_rate")
+SEEN_SI_KEYS = ("wrong_flagged_rate", "right_flagged_rate")
+SI_KEYS = POOLED_SI_KEYS + tuple(f"{k}_seen" for k in SEEN_SI_KEYS)
 SI_HEADERS = ("SI attempted", "SI fixed", "correct->wrong", "wrong flagged (seen)", "right flagged (seen)")
 COUNT_KEYS = ("train_tokens", "train_examples", "llm_calls")
 
@@ -167,7 +169,7 @@ def _self_improvement(it: dict, run_root: str) -> dict[str, float | None]:
         metrics = compute_metrics(read_rollouts(outputs))
     pooled = metrics.get("self_improvement") or {}
     seen = (metrics.get("self_improvement_by_split") or {}).get("seen") or {}
-    return {k: pooled.get(k) if k in pooled else seen.get(k.removesuffix("_seen")) for k in SI_KEYS}
+    return {**{k: pooled.get(k) for k in POOLED_SI_KEYS}, **{f"{k}_seen": seen.get(k) for k in SEEN_SI_KEYS}}
 
 
 def _iteration_metrics(it: dict, run_root: str) -> dict[str, float | None]:

@@ -157,7 +157,7 @@ class Job:
             return model, "model_init"
         def body(url: str) -> dict:
             return self.train_stage(url, "sft", gold_sft_examples(self.task, probs.sft), model,
-                               learning_rate=self.cfg.sft.learning_rate, epochs=self.cfg.sft.epochs)
+                                    learning_rate=self.cfg.sft.learning_rate, epochs=self.cfg.sft.epochs)
 
         # the warm-up brings its own epochs and learning rate and has no feedback tokens:
         # retuning those for the iterations must not invalidate it
