@@ -69,7 +69,8 @@ def measure(args: argparse.Namespace) -> str:
     cfg = TrainConfig(zero_stage=args.zero, micro_batch_size=micro, grad_accum_steps=accum, learning_rate=1e-3)
     plan = plan_global_batches([len(e) for e in examples], BatchGeometry(micro, accum, 1), 100.0, 0, 16)[:args.steps]
 
-    if not dist.is_initialized():  # Ray Train has made the group already
+    own_group = not dist.is_initialized()  # inside Ray Train the group exists already
+    if own_group:
         dist.init_process_group("gloo")
     plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     wrapped = copy.deepcopy(plain)
@@ -112,6 +113,8 @@ def measure(args: argparse.Namespace) -> str:
             engine.step()
         ds_s.append(time.perf_counter() - t0)
     plain_s, ds_s = plain_s[args.warmup_steps:], ds_s[args.warmup_steps:]
+    if own_group:
+        dist.destroy_process_group()
     return (f"ZeRO-{args.zero}, global batch {args.global_batch} (micro {micro}), {len(plain_s)} steady steps, "
             f"{args.threads} threads, zero extra {args.zero_extra}{', in a Ray Train worker' if args.in_ray else ''}: "
             f"DeepSpeed {sum(plain_s) / sum(ds_s):.3f}x the plain loop "
@@ -144,9 +147,6 @@ def main() -> int:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"), RANK="0",
                       WORLD_SIZE="1", LOCAL_RANK="0")
     print(measure(args))
-    import torch.distributed as dist
-
-    dist.destroy_process_group()
     return 0
 
 
