@@ -46,7 +46,6 @@ def measure(args: argparse.Namespace) -> str:
     """Interleave plain and DeepSpeed steps in this process; return the result line."""
     sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # also inside a Ray worker
 
-    import deepspeed
     import torch
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -56,6 +55,7 @@ def measure(args: argparse.Namespace) -> str:
     from tripost_ray.models import build_tiny_model
     from tripost_ray.training.dataset import BatchGeometry, collate, global_batch_totals, plan_global_batches, tokenize_rows
     from tripost_ray.training.deepspeed_config import build_deepspeed_config
+    from tripost_ray.training.engine import initialize_engine
     from tripost_ray.training.loss import micro_batch_objective, weighted_token_loss_sum
     from tripost_ray.training.optim import build_optimizer, build_scheduler
 
@@ -82,8 +82,7 @@ def measure(args: argparse.Namespace) -> str:
     # ZeRO-3 (memory_efficient_linear, DeepSpeed's default) replaces torch.nn.functional.linear
     # process-wide at initialize; the plain steps must run on torch's own
     native_linear = torch.nn.functional.linear
-    engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=ds_opt, config=ds_config,
-                                           lr_scheduler=build_scheduler(ds_opt, cfg, len(plan)))
+    engine, _ = initialize_engine(wrapped, ds_opt, build_scheduler(ds_opt, cfg, len(plan)), ds_config)
 
     def micro_batches(batch):
         return [collate([examples[i] for i in batch[j:j + micro]], tokenizer.pad_token_id)

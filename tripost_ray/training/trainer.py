@@ -137,12 +137,12 @@ def _save_checkpoint(engine, rank: int, state: dict, metrics: dict) -> None:
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
     """The per-worker training function run by ``TorchTrainer`` (see the module docstring)."""
-    import deepspeed
     import ray.train
     import torch
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tripost_ray.training.engine import initialize_engine
     from tripost_ray.training.export import export_engine_model, localize_model
     from tripost_ray.training.loss import micro_batch_objective, weighted_token_loss_sum
     from tripost_ray.training.optim import build_optimizer, build_scheduler
@@ -173,8 +173,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
     optimizer = build_optimizer(model, cfg, lr)
     scheduler = build_scheduler(optimizer, cfg, total)
     ds_config = build_deepspeed_config(cfg, world, cfg.use_gpu)
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=ds_config)
+    engine, scheduler = initialize_engine(model, optimizer, scheduler, ds_config)
     device = engine.device
 
     start, history, tokens_done, restored_from = 0, [], 0, None
