@@ -77,7 +77,7 @@ def measure(args: argparse.Namespace) -> str:
     optimizer = build_optimizer(plain, cfg, cfg.learning_rate)
     scheduler = build_scheduler(optimizer, cfg, len(plan))
     ds_opt = build_optimizer(wrapped, cfg, cfg.learning_rate)
-    ds_config = build_deepspeed_config(cfg, 1, False)
+    ds_config = build_deepspeed_config(cfg, 1, False, block_classes=wrapped._no_split_modules or ())  # as the trainer
     ds_config["zero_optimization"].update(json.loads(args.zero_extra))
     # ZeRO-3 (memory_efficient_linear, DeepSpeed's default) replaces torch.nn.functional.linear
     # process-wide at initialize; the plain steps must run on torch's own

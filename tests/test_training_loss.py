@@ -142,6 +142,15 @@ def test_deepspeed_config_from_typed_fields():
     assert gpu["bf16"]["enabled"] and "offload_optimizer" not in gpu["zero_optimization"]
 
 
+def test_zero3_block_leaves_map_to_deepspeed_leaf_modules():
+    blocks = {"LlamaDecoderLayer"}
+    zero3 = build_deepspeed_config(TrainConfig(zero_stage=3), 2, False, block_classes=blocks)["zero_optimization"]
+    assert zero3["leaf_module"] == {"classes": ["LlamaDecoderLayer"]}
+    for cfg, classes in ((TrainConfig(zero_stage=2), blocks),   # only ZeRO-3 hooks modules
+                         (TrainConfig(zero_stage=3), ())):      # the model names no blocks
+        assert "leaf_module" not in build_deepspeed_config(cfg, 2, False, block_classes=classes)["zero_optimization"]
+
+
 @pytest.mark.parametrize("kwargs,use_gpu,field", [
     ({"precision": "bf16"}, False, "precision"),
     ({"offload_params": True, "zero_stage": 2}, False, "offload_params"),

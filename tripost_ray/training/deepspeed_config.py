@@ -6,6 +6,7 @@ readable in one place. On CPU, DeepSpeed runs in fp32 over gloo; bf16/fp16 are G
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from tripost_ray.config import TrainConfig
@@ -37,8 +38,16 @@ def config_warnings(cfg: TrainConfig) -> list[str]:
     return warnings
 
 
-def build_deepspeed_config(cfg: TrainConfig, world_size: int, use_gpu: bool) -> dict[str, Any]:
-    """The ``config=`` dict for ``deepspeed.initialize`` (optimizer and scheduler come from torch)."""
+def build_deepspeed_config(cfg: TrainConfig, world_size: int, use_gpu: bool,
+                           block_classes: Iterable[str] = ()) -> dict[str, Any]:
+    """The ``config=`` dict for ``deepspeed.initialize`` (optimizer and scheduler come from torch).
+
+    ``block_classes``: the model's transformer-block class names (``model._no_split_modules``).
+    Under ZeRO-3 they become DeepSpeed leaf modules: one parameter fetch and release per
+    block and pass, instead of pre/post hooks on every linear and norm. That hook work is a
+    fixed cost per submodule and micro batch, so it weighs most on small models
+    (benchmarks/README.md). A block's parameters are then live together, the unit that
+    FSDP's transformer wrap policy also uses; the arithmetic is unchanged."""
     if cfg.offload_params and cfg.zero_stage != 3:
         raise TrainSetupError(f"train.offload_params=true needs train.zero_stage=3 (got {cfg.zero_stage})")
     if cfg.offload_optimizer and cfg.zero_stage == 0:
@@ -50,6 +59,8 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, use_gpu: bool) -> 
     if cfg.zero_stage == 3:
         # lets engine.save_16bit_model / _zero3_consolidated_16bit_state_dict gather full weights for export
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if block_classes:
+            zero["leaf_module"] = {"classes": sorted(block_classes)}
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     if cfg.offload_params:

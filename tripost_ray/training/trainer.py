@@ -172,7 +172,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
     model.config.use_cache = False
     optimizer = build_optimizer(model, cfg, lr)
     scheduler = build_scheduler(optimizer, cfg, total)
-    ds_config = build_deepspeed_config(cfg, world, cfg.use_gpu)
+    ds_config = build_deepspeed_config(cfg, world, cfg.use_gpu, block_classes=model._no_split_modules or ())
     engine, scheduler = initialize_engine(model, optimizer, scheduler, ds_config)
     device = engine.device
 
