@@ -8,7 +8,8 @@ the thread. Once the process holds more OpenMP threads than it has cores, GNU Op
 runtime of torch's CPU wheels) cuts every thread's spin-wait to a few hundred cycles: the
 training threads then sleep and are woken between kernels, hundreds of times a step, and
 each kernel runs longer. ``initialize_engine`` builds the engine with torch at one thread,
-so gloo's threads never get a pool; nothing in the set-up is worth parallelising.
+so gloo's threads never get a pool; the set-up's copies happen once, so one thread
+costs little next to training.
 Measured in benchmarks/README.md (the one-worker ZeRO-3 configuration).
 """
 

@@ -9,7 +9,7 @@ The driver (:func:`train`) turns the examples into a Ray Dataset and starts a
    the same batches as one process; each rank then takes its slice of every global batch);
 2. tokenizes it (char-span weights onto tokens, ``dataset.py``) and plans the batches;
 3. builds the DeepSpeed engine (torch AdamW + warm-up/decay schedule, ``optim.py``; the
-   config from typed fields, ``deepspeed_config.py``) and restores from
+   config from typed fields, ``deepspeed_config.py``; ``engine.py``) and restores from
    ``ray.train.get_checkpoint()`` when Ray Train restarts the run (Ray Train V2 has no
    ``resume_from_checkpoint``), skipping the steps already taken;
 4. trains with the exact global weighted loss (``loss.py``), reporting metrics through
