@@ -17,9 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 
 @contextmanager
@@ -34,7 +37,8 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def initialize_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      scheduler: torch.optim.lr_scheduler.LRScheduler, ds_config: dict[str, Any]):
+                      scheduler: torch.optim.lr_scheduler.LRScheduler, ds_config: dict[str, Any]
+                      ) -> tuple[DeepSpeedEngine, torch.optim.lr_scheduler.LRScheduler]:
     """``deepspeed.initialize`` at one intra-op thread (see the module docstring).
 
     Returns ``(engine, scheduler)``; the engine steps the scheduler at accumulation boundaries."""
