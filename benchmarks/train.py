@@ -14,9 +14,10 @@ all of them, or 2 workers with half each. Reported per configuration:
   group, DeepSpeed init, data read, tokenisation, checkpoint, export).
 
 The default batch shape is the CPU jobs' (jobs/reproduce_cpu.yaml: micro batch 16 per
-worker, 2 workers, so a global batch of 32). ZeRO-3's per-module parameter hooks cost a
-fixed time per micro batch, so on a model this small the overhead grows as micro batches
-shrink; ``--micro-batch 4 --global-batch 8`` shows that worst case (benchmarks/README.md).
+worker, 2 workers, so a global batch of 32). ZeRO-3's parameter hooks (one pair per
+transformer block) cost a fixed time per micro batch, so on a model this small the
+overhead grows as micro batches shrink; ``--micro-batch 4 --global-batch 8`` shows that
+worst case (benchmarks/README.md).
 
 Writes benchmarks/results/train.json and its own section of benchmarks/README.md.
 Usage: python benchmarks/train.py [--steps 12] [--configs 1x2,1x3,2x2,2x3] [--micro-batch 16]

@@ -33,7 +33,7 @@ def config_warnings(cfg: TrainConfig) -> list[str]:
     warnings = []
     if cfg.zero_stage == 3 and cfg.num_workers == 1 and not cfg.offload_params:
         warnings.append("train.zero_stage=3 on a single worker partitions nothing and only adds ZeRO-3's "
-                        "per-module gather/release work (measured in benchmarks/README.md); use zero_stage=2 "
+                        "per-block gather/release work (measured in benchmarks/README.md); use zero_stage=2 "
                         "unless train.offload_params is on")
     return warnings
 
