@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,26 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Serve's proxy must be ready within 5 s by default, which a busy 2-core box misses.
 os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+
+
+#: Data kept outside the repository (too large, or not ours to ship): ``../shared/data``.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared_data_dir(name: str) -> Path:
+    """``../shared/data/<name>``, or skip the calling test with the reason where it is absent.
+
+    A user's clone has no ``../shared`` beside it, so its tests skip and say what is missing.
+    CI lays that folder beside the clone and sets ``CI=true``: there a missing folder is a
+    failure, so the tests that need it can never pass by silently skipping.
+    """
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        reason = f"needs {name}/, kept outside the repository in ../shared/data/ (not found at {path})"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason}; CI=true requires it", pytrace=False)
+        pytest.skip(reason)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,8 @@ package, the KubeRay manifests against the published KubeRay CRD schemas, the se
 only by reference, and the local multi-node script on a real (small) cluster.
 
 The CRDs are read from ``<repo>/../shared/data/kuberay-crds/`` and deliberately not
-copied into the project; when they are missing these tests fail and say where to put them.
+copied into the project; where they are missing the tests that need them skip and say
+where to put them (and fail under ``CI=true``, see ``conftest.shared_data_dir``).
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ import jsonschema
 import pytest
 import yaml
 
+from conftest import shared_data_dir
 from tripost_ray.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTERS = ROOT / "clusters"
-CRD_DIR = ROOT.parent / "shared" / "data" / "kuberay-crds"
 KUBERAY = sorted((CLUSTERS / "kuberay").glob("ray*.yaml"))
 LAUNCHER = sorted((CLUSTERS / "launcher").glob("*.yaml"))
 SECRET_ENV = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "HF_TOKEN")
@@ -78,20 +79,18 @@ def _openapi_to_jsonschema(node):
 
 @functools.lru_cache(maxsize=None)
 def _crds() -> list[tuple[Path, dict]]:
-    """The CustomResourceDefinitions in CRD_DIR (parsed once; they are megabytes of YAML)."""
+    """The published KubeRay CustomResourceDefinitions (ray.io_rayclusters.yaml,
+    ray.io_rayjobs.yaml from ray-project/kuberay ray-operator/config/crd/bases/), parsed once:
+    they are megabytes of YAML."""
+    crd_dir = shared_data_dir("kuberay-crds")
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    docs = [(f, yaml.load(f.read_text(), Loader=loader)) for f in sorted(CRD_DIR.glob("*.yaml"))]
+    docs = [(f, yaml.load(f.read_text(), Loader=loader)) for f in sorted(crd_dir.glob("*.yaml"))]
     return [(f, d) for f, d in docs if isinstance(d, dict) and d.get("kind") == "CustomResourceDefinition"]
 
 
 @functools.lru_cache(maxsize=None)
 def crd_validator(kind: str, api_version: str) -> jsonschema.Validator:
     """A validator for ``kind`` at ``api_version`` from the published KubeRay CRDs."""
-    assert CRD_DIR.is_dir(), (
-        f"KubeRay CRD schemas not found at {CRD_DIR}: place the published CRDs "
-        "(ray.io_rayclusters.yaml, ray.io_rayjobs.yaml from ray-project/kuberay "
-        "ray-operator/config/crd/bases/) in shared/data/kuberay-crds/ next to the repository"
-    )
     group, version = api_version.split("/")
     for f, crd in _crds():
         spec = crd["spec"]
@@ -102,7 +101,7 @@ def crd_validator(kind: str, api_version: str) -> jsonschema.Validator:
                 schema = _openapi_to_jsonschema(v["schema"]["openAPIV3Schema"])
                 return jsonschema.Draft7Validator(schema)
         raise AssertionError(f"{f.name} has no version {version} of {kind}")
-    raise AssertionError(f"no CRD for {kind} ({group}) in {CRD_DIR}")
+    raise AssertionError(f"no CRD for {kind} ({group}) in {shared_data_dir('kuberay-crds')}")
 
 
 def errors_of(validator: jsonschema.Validator, doc: dict) -> list[str]:

@@ -61,13 +61,21 @@ def serve_port(ray_cluster) -> int:
     serve.shutdown()
 
 
-def test_reduced_quickstart_end_to_end_then_resumes_without_work(sft_model_dir, tmp_path, serve_port):
+@pytest.fixture(scope="module")
+def e2e_run(sft_model_dir, tmp_path_factory, serve_port) -> tuple[Path, dict]:
+    """The reduced quickstart, run once for the module: (run folder, summary)."""
     from tripost_ray.pipeline import run_job
 
-    port = serve_port
-    cfg = load_config(QUICKSTART, _overrides(sft_model_dir, tmp_path, "e2e", port))
-    summary = run_job(cfg)
-    run = tmp_path / "e2e"
+    root = tmp_path_factory.mktemp("pipeline")
+    summary = run_job(load_config(QUICKSTART, _overrides(sft_model_dir, root, "e2e", serve_port)))
+    return root / "e2e", summary
+
+
+def test_reduced_quickstart_end_to_end_then_resumes_without_work(sft_model_dir, e2e_run, serve_port):
+    from tripost_ray.pipeline import run_job
+
+    run, summary = e2e_run
+    tmp_path, port = run.parent, serve_port
 
     iterations = {it["iteration"]: it for it in summary["iterations"]}
     assert set(iterations) == {0, 1, 2}, "an evaluation per iteration, the starting model's included"
@@ -102,6 +110,36 @@ def test_reduced_quickstart_end_to_end_then_resumes_without_work(sft_model_dir, 
     again = run_job(load_config(QUICKSTART, _overrides(sft_model_dir, tmp_path, "e2e", port)))
     assert {p: p.read_text() for p in run.rglob("_MANIFEST.json")} == manifests
     assert [it["metrics"] for it in again["iterations"]] == [it["metrics"] for it in summary["iterations"]]
+
+
+def _weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(model_dir.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def test_the_same_config_gives_the_same_numbers_and_weights_on_a_busy_machine(sft_model_dir, e2e_run, serve_port):
+    """Machine load changes timing (which actor takes which batch, the order replies arrive in,
+    how Ray bundles blocks) but must not change a single number: the reduced quickstart again,
+    with a CPU-burning process beside it, equals the undisturbed run bit for bit."""
+    from tripost_ray.pipeline import run_job
+
+    run, summary = e2e_run
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        busy = run_job(load_config(QUICKSTART, _overrides(sft_model_dir, run.parent, "busy", serve_port)))
+    finally:
+        burner.kill()
+        burner.wait()
+    import torch
+
+    strip = lambda it: (it["iteration"], it["metrics"], it.get("examples"))
+    assert [strip(it) for it in busy["iterations"]] == [strip(it) for it in summary["iterations"]]
+    for t in (1, 2):
+        assert (run.parent / f"busy/iter_{t}/postprocess/train.parquet").read_bytes() == \
+            (run / f"iter_{t}/postprocess/train.parquet").read_bytes()
+    ours, theirs = _weights(run / "iter_2/train/model"), _weights(run.parent / "busy/iter_2/train/model")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def _cache_entries(run: Path) -> int:

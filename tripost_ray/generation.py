@@ -6,12 +6,21 @@ batches sorted by prompt length (results come back in input order).
 Determinism. Sampling does not use ``generate``'s batch-wide random stream: a logits
 processor draws each row's token from that row's own ``torch.Generator``, seeded from the
 prompt's seed (``seeds`` argument, or a hash of ``(params.seed, prompt)``), and greedy
-decoding then picks exactly that token. A prompt's output therefore depends on its seed and
-not on which other prompts share its batch, its actor or its node - the property that makes
-a sharded rollout equal an unsharded one. (Numerically it still assumes the same batch
-composition and thread count: float reductions in a differently shaped matmul may differ in
-the last bit, which Ray Data's fixed batches give us. On CPU in fp32 reordered batches gave
-identical text in the tests; on an H200 in bf16, 18 of 20 sampled prompts did.)
+decoding then picks exactly that token. The promise, precisely:
+
+- *Exact*: given the same logits, a row's token depends only on its logits and its seed,
+  never on the other rows of its batch. With the same batch composition (which the rollout
+  stage's fixed batches give, whichever actor or node runs them) a run repeats bit for bit
+  on one machine.
+- *Near-certain, not exact*: the same prompt in a batch of another shape. The model's logits
+  then differ in the last bits (a differently shaped matmul picks other kernels: 6e-8 on
+  this project's CPU tiny model, more in bf16). The sampler walks the CDF in *vocabulary*
+  order, not sorted by probability, so such a difference changes the token only when the
+  row's uniform draw falls within it of an interval boundary: about 1e-7 per token in fp32.
+  (Sorting by probability made near-ties - common in a barely trained model - swap places
+  and diverge within a few tokens on AVX-512 CPUs.) bf16 logits differ by far more, so
+  there expect some divergence (with the earlier sort-based sampler, 18 of 20 sampled
+  prompts stayed identical across batch shapes on an H200).
 
 Stopping. A row stops at end-of-sequence, at ``max_new_tokens``, when its generated text
 contains one of ``params.stop`` (the text is cut before it) or when it matches
@@ -139,9 +148,11 @@ class _StopCriteria:
 class _PerRowSampler:
     """Logits processor: sample each row from its own seeded stream; greedy then takes it.
 
-    Every row pre-draws one uniform number per step from its own ``torch.Generator``;
-    the token is found by inverse-CDF sampling (vectorised over the batch), so a row's
-    tokens depend only on its seed and its own logits.
+    Every row pre-draws one uniform number per step from its own ``torch.Generator``, and
+    the token is found by inverse-CDF sampling over the vocabulary in *id order* (vectorised
+    over the batch). Top-p only decides which ids stay in (by their sorted probabilities);
+    the walk itself never depends on a sort, so last-bit differences in the logits move a
+    row's choice only when its uniform sits right at an interval boundary.
     """
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float, max_steps: int, prompt_len: int):
@@ -153,17 +164,27 @@ class _PerRowSampler:
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         step = input_ids.shape[1] - self.prompt_len
-        probs = torch.softmax(scores.double() / self.temperature, dim=-1)
-        probs, order = probs.sort(dim=-1, descending=True)
-        if self.top_p < 1.0:
-            probs = probs * ((probs.cumsum(dim=-1) - probs) < self.top_p)  # always keeps the top token
-        cdf = probs.cumsum(dim=-1)
-        u = self.uniforms[:, step].to(cdf.device).unsqueeze(-1) * cdf[:, -1:]
-        pos = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1)
-        choice = order.gather(-1, pos)
+        choice = sample_rows(scores, self.uniforms[:, step].to(scores.device), self.temperature, self.top_p)
         out = torch.full_like(scores, float("-inf"))
-        out.scatter_(-1, choice, 0.0)
+        out.scatter_(-1, choice.unsqueeze(-1), 0.0)
         return out
+
+
+def sample_rows(scores: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token id per row of ``scores`` from that row's uniform in [0, 1) (inverse CDF).
+
+    Row-wise only: a row's choice is a function of its own scores and uniform, which is
+    what makes sampling independent of the batch it is in.
+    """
+    probs = torch.softmax(scores.double() / temperature, dim=-1)
+    if top_p < 1.0:
+        ranked, order = probs.sort(dim=-1, descending=True)
+        keep_ranked = (ranked.cumsum(dim=-1) - ranked) < top_p  # always keeps the top token
+        probs = probs * torch.zeros_like(keep_ranked).scatter_(-1, order, keep_ranked)
+    cdf = probs.cumsum(dim=-1)
+    u = uniforms.unsqueeze(-1) * cdf[:, -1:]
+    # right=True: the first id whose CDF exceeds u, so an id with zero probability is never picked
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
 # ------------------------------------------------------------------- engine

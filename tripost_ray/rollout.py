@@ -8,9 +8,10 @@ fractional CPU so Ray Data's own tasks still get a core) and runs
 :func:`tripost_ray.inference.self_improving_inference` on its batches.
 
 Reproducibility across any sharding: every problem's sampling seed is derived from
-``(seed, problem_id, round)``, never from its batch or actor, and the dataset is split into
-the same fixed batches whichever actor or node takes them. So a run on two nodes writes
-the same rows as a run on one (tested with ``ray.cluster_utils.Cluster``).
+``(seed, problem_id, round)``, never from its batch or actor, and the dataset is cut into
+fixed batches (one block each, ``batch_size`` problems in input order) whichever actor or
+node takes them. So a run on two nodes writes the same rows as a run on one (tested with
+``ray.cluster_utils.Cluster``), and so does a plain loop over the same batches.
 
 Exactly once: the driver consumes the stream and writes each output block as one Parquet
 part (atomically); a failed actor is restarted and its batch retried by Ray Data
@@ -216,8 +217,10 @@ def run_rollouts(
     # Ray 2.60 deprecates **ray_remote_args but has no named parameter for actor restarts
     # yet; its default is unlimited restarts, which turns a crash loop into a hang.
     remote_args: dict[str, Any] = {"max_restarts": cfg.max_actor_restarts, "max_task_retries": cfg.max_actor_restarts}
-    n_blocks = max(1, -(-len(items) // cfg.batch_size))
-    ds = ray.data.from_items(items, override_num_blocks=n_blocks)
+    # One block per batch, cut in problem order: every batch holds the same problems whatever
+    # actor, node or machine load runs it (the exact promise of tripost_ray.generation).
+    ds = ray.data.from_arrow([pa.Table.from_pylist(items[i:i + cfg.batch_size])
+                              for i in range(0, len(items), cfg.batch_size)])
     ds.context.wait_for_min_actors_s = cfg.wait_for_actors_s or -1
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
