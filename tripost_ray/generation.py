@@ -178,9 +178,11 @@ def sample_rows(scores: torch.Tensor, uniforms: torch.Tensor, temperature: float
     """
     probs = torch.softmax(scores.double() / temperature, dim=-1)
     if top_p < 1.0:
-        ranked, order = probs.sort(dim=-1, descending=True)
-        keep_ranked = (ranked.cumsum(dim=-1) - ranked) < top_p  # always keeps the top token
-        probs = probs * torch.zeros_like(keep_ranked).scatter_(-1, order, keep_ranked)
+        # the nucleus as a probability threshold (ids tied with its smallest member stay in),
+        # so membership never depends on how a sort orders ties
+        ranked = probs.sort(dim=-1, descending=True).values
+        n_keep = ((ranked.cumsum(dim=-1) - ranked) < top_p).sum(dim=-1, keepdim=True)  # >= 1: the top id
+        probs = probs * (probs >= ranked.gather(-1, n_keep - 1))
     cdf = probs.cumsum(dim=-1)
     u = uniforms.unsqueeze(-1) * cdf[:, -1:]
     # right=True: the first id whose CDF exceeds u, so an id with zero probability is never picked
