@@ -4,6 +4,7 @@ weighted training and evaluation, each a resumable stage of one run folder.
 Layout of a run (``<storage.path>/<run_name>/``)::
 
     config.yaml                     the resolved config of the latest invocation
+    _LOCK.json                      held while a run writes the folder (runlock.py)
     problems/                       train / test problems (Parquet)
     model_init/model/               the starting model (HF format)
     sft/model/                      after the gold-rationale warm-up (when enabled)
