@@ -103,3 +103,22 @@ def test_object_store_lock_heartbeat_refusal_and_takeover(caplog):
     storage.write_json(url, {"host": socket.gethostname(), "pid": dead.pid, "heartbeat_at": now[0], "started_at": 0})
     with run_lock(root, cfg, clock=lambda: now[0]):
         assert storage.read_json(url)["pid"] == os.getpid()
+
+
+def test_object_store_lock_renews_its_heartbeat():
+    import threading
+
+    root = f"memory://runs/{uuid.uuid4().hex}"
+    url = storage.join(root, LOCK)
+    ticks = iter(range(1_000_000))
+    with run_lock(root, StorageConfig(lock_heartbeat_s=0.01, lock_stale_s=1.0), clock=lambda: float(next(ticks))):
+        first = storage.read_json(url)["heartbeat_at"]
+        renewed = threading.Event()
+        for _ in range(3000):  # the heartbeat thread rewrites the file; wait for it
+            if storage.read_json(url)["heartbeat_at"] > first:
+                renewed.set()
+                break
+            renewed.wait(0.01)
+        assert renewed.is_set()
+        assert storage.read_json(url)["pid"] == os.getpid()
+    assert not storage.exists(url)

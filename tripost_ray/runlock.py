@@ -162,11 +162,14 @@ def _store_lock(url: str, cfg: StorageConfig, clock: Callable[[], float]) -> Ite
 
     def beat() -> None:
         while not stop.wait(cfg.lock_heartbeat_s):
-            current = _read_store_lock(url) or {}
-            if current.get("token") != holder["token"]:
-                log.error("run folder %s: the lock was taken over by %s", root, _describe(current))
-                return
-            storage.write_json(url, {**holder, "heartbeat_at": clock()})
+            try:
+                current = _read_store_lock(url) or {}
+                if current.get("token") != holder["token"]:
+                    log.error("run folder %s: the lock was taken over by %s", root, _describe(current))
+                    return
+                storage.write_json(url, {**holder, "heartbeat_at": clock()})
+            except OSError as err:  # a store hiccup: the next beat tries again
+                log.warning("run folder %s: could not renew the lock's heartbeat (%s)", root, err)
 
     thread = threading.Thread(target=beat, name="tripost-run-lock", daemon=True)
     thread.start()
