@@ -11,6 +11,7 @@ import torch
 from tripost_ray.config import TinyModelConfig
 from tripost_ray.models import (
     ModelSourceError,
+    check_model_source,
     build_tiny_model,
     load_model_and_tokenizer,
     prepare_model,
@@ -155,3 +156,19 @@ def test_prepare_model_builds_tiny_or_copies_a_source(tmp_path, corpus, tiny_mod
     assert copied == str(tmp_path / "b") and os.path.exists(os.path.join(copied, "model.safetensors"))
     with pytest.raises(ModelSourceError, match="corpus"):
         prepare_model("tiny", _tiny("char"), str(tmp_path / "cache"))
+
+
+def test_broken_config_json_is_caught_without_copying(tmp_path):
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/models/broken/config.json", b'{"model_type": "llama",')
+    fs.pipe("/models/broken/model.safetensors", b"weights")
+    with pytest.raises(ModelSourceError, match=r"memory://models/broken.*config.json is not valid JSON"):
+        resolve_model_source("memory://models/broken", str(tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists(), "nothing copied for a source that cannot load"
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "config.json").write_text("[]")
+    with pytest.raises(ModelSourceError, match="not a JSON object"):
+        check_model_source(str(local))
+    check_model_source("tiny")
+    check_model_source("some-org/some-model")  # a hub name: checked when fetched

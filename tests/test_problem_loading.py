@@ -101,6 +101,33 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
         load_problems(WS, str(path))
 
 
+def test_pretty_printed_json_syntax_error_is_reported_at_its_line(tmp_path):
+    path = tmp_path / "bad.json"
+    text = json.dumps({"examples": RECORDS}, indent=2)
+    path.write_text("\n" + text.replace('"syndrome therefrom"', '"syndrome therefrom",', 1))  # a trailing comma
+    # 1-based line of the comma in the file (after the blank first line); JSON reports the
+    # error at the next token, the "}" on the line after it
+    comma_line = 2 + next(i for i, line in enumerate(text.splitlines()) if '"syndrome therefrom"' in line)
+    with pytest.raises(ProblemFormatError, match=rf"bad.json: not valid JSON at line {comma_line + 1}, column"):
+        load_problems(WS, str(path))
+
+
+def test_jsonl_error_line_counts_leading_blank_lines(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n\n" + json.dumps(RECORDS[0]) + "\n{not json\n")
+    with pytest.raises(ProblemFormatError, match=r"bad.jsonl: line 4 is not valid JSON"):
+        load_problems(WS, str(path))
+
+
+def test_missing_storage_backend_names_the_extra():
+    import importlib.util
+
+    if importlib.util.find_spec("s3fs") is not None:
+        pytest.skip("s3fs is installed here: the missing-backend path cannot be shown")
+    with pytest.raises(ProblemFormatError, match=r"s3://b/p.json: .*needs the package s3fs.*tripost-ray\[s3\]"):
+        load_problems(WS, "s3://b/p.json")
+
+
 def test_record_not_an_object(tmp_path):
     path = tmp_path / "list.json"
     path.write_text(json.dumps([RECORDS[0], ["oven", "costume"]]))

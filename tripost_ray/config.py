@@ -320,6 +320,19 @@ class StorageConfig(Section):
     """Where runs live: any fsspec URL (local directory, s3://, gs://, memory://)."""
 
     path: str = Field("./runs", description="Root of all runs.")
+    lock_heartbeat_s: float = Field(
+        30.0, gt=0, description="Object stores only: how often a run rewrites its lock file's heartbeat."
+    )
+    lock_stale_s: float = Field(
+        300.0, gt=0, description="Object stores only: a run lock whose heartbeat is older than this is taken over."
+    )
+
+    @model_validator(mode="after")
+    def _stale_after_missed_heartbeats(self) -> "StorageConfig":
+        if self.lock_stale_s <= 2 * self.lock_heartbeat_s:
+            raise ValueError(f"lock_stale_s ({self.lock_stale_s}) must be more than twice lock_heartbeat_s "
+                             f"({self.lock_heartbeat_s}), or a live run's lock is taken over")
+        return self
 
 
 class RayConfig(Section):

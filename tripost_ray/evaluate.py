@@ -149,7 +149,10 @@ def main_eval(args) -> int:
     from tripost_ray.ray_setup import init_ray
     from tripost_ray.tasks import ProblemFormatError, UnknownTaskError, get_task, load_problems
 
+    from tripost_ray.preflight import check_output_file
+
     cfg = load_config(None, list(args.override) + [f"task.name={args.task}"])  # ConfigError: the CLI reports it
+    check_output_file(args.out, "--out")  # before the evaluation, not after it
     try:
         task = get_task(args.task, **cfg.task.difficulty)
         if args.problems:

@@ -29,7 +29,9 @@ from typing import Any
 from tripost_ray import storage
 from tripost_ray.config import JobConfig, load_config, set_dotted
 from tripost_ray.pipeline import Job, gold_sft_examples, run_job, setup_logging, token_counter
+from tripost_ray.preflight import check_job
 from tripost_ray.ray_setup import init_ray
+from tripost_ray.runlock import run_lock
 from tripost_ray.report import summarize, write_report
 from tripost_ray.stages import MANIFEST
 
@@ -93,7 +95,14 @@ def gold_rows_for_tokens(job: Job, problems: list, tokens_per_epoch: int, seed: 
 def run_gold_baseline(cfg: JobConfig, token_targets: list[int], *, force: bool = False) -> dict:
     """The baseline arm: iteration t trains on gold rationales for ``token_targets[t-1]``
     training tokens (over ``train.epochs`` epochs), then evaluates."""
+    check_job(cfg)
     job = Job(cfg, force=force)
+    with run_lock(job.run.root, cfg.storage):
+        return _gold_baseline_stages(job, token_targets)
+
+
+def _gold_baseline_stages(job: Job, token_targets: list[int]) -> dict:
+    cfg = job.cfg
     storage.write_text_atomic(job.run.url("config.yaml"), cfg.to_yaml())
     started = time.time()
     init_ray(cfg.ray)
@@ -123,6 +132,12 @@ def run_gold_baseline(cfg: JobConfig, token_targets: list[int], *, force: bool =
 def run_experiment(cfg: JobConfig, *, force: bool = False) -> dict:
     """Run (or resume) the whole experiment; returns the aggregate written to experiment.json."""
     root = storage.join(storage.normalize(cfg.storage.path), cfg.run_name)
+    check_job(cfg)  # storage, problem files, starting model, keys of the TriPosT arms
+    with run_lock(root, cfg.storage):
+        return _experiment_runs(cfg, root, force=force)
+
+
+def _experiment_runs(cfg: JobConfig, root: str, *, force: bool) -> dict:
     storage.write_text_atomic(storage.join(root, "config.yaml"), cfg.to_yaml())
     started = time.time()
     init_ray(cfg.ray)

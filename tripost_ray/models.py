@@ -33,6 +33,7 @@ trainer needs to map loss-weighted character spans onto tokens. Encoding prepend
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import string
@@ -219,13 +220,9 @@ def _copy_from_url(url: str, cache_dir: str) -> str:
     target = cache_root / _cache_key(url)
     if (target / _COMPLETE_MARKER).exists():
         return str(target)
-    try:
-        fs, remote = url_to_fs(url)
-    except (ValueError, ImportError) as err:
-        raise ModelSourceError(f"model source {url!r}: no filesystem for this URL ({err})") from None
+    check_model_source(url)
+    fs, remote = url_to_fs(url)
     remote = remote.rstrip("/")
-    if not fs.exists(f"{remote}/config.json"):
-        raise ModelSourceError(f"model source {url!r} has no config.json: not a Hugging Face model folder")
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-{uuid.uuid4().hex[:6]}-", dir=cache_root))
     try:
@@ -264,6 +261,46 @@ def _from_hub(name: str, cache_dir: str) -> str:
         ) from None
 
 
+def _check_config_json(fs, path: str, source: str) -> None:
+    """A model folder's ``config.json`` exists and is a JSON object: a broken one would
+    otherwise surface as a traceback inside every Ray worker that loads the model."""
+    if not fs.isfile(path):
+        raise ModelSourceError(f"model source {source!r} has no config.json: not a Hugging Face model folder")
+    try:
+        with fs.open(path, "rb") as f:
+            config = json.loads(f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelSourceError(f"model source {source!r}: config.json is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ModelSourceError(f"model source {source!r}: config.json is not a JSON object")
+
+
+def check_model_source(source: str) -> None:
+    """Fail fast, copying and downloading nothing, when ``source`` is not a usable model:
+    ``tiny`` passes, a local folder or fsspec URL must hold a readable ``config.json``;
+    a hub name is only checked when it is fetched. Raises :class:`ModelSourceError`."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from tripost_ray import storage
+
+    if not source:
+        raise ModelSourceError("model source is empty")
+    if source == "tiny":
+        return
+    if "://" in source and not source.startswith("file://"):
+        try:
+            fs, remote = storage.fs_for(source)
+        except storage.StorageError as err:
+            raise ModelSourceError(f"model source {source!r}: {err}") from None
+        _check_config_json(fs, f"{remote.rstrip('/')}/config.json", source)
+        return
+    local = Path(source[len("file://"):] if source.startswith("file://") else source).expanduser()
+    if local.exists():
+        _check_config_json(LocalFileSystem(), str(local / "config.json"), source)
+    elif source.startswith(("file://", ".", "/", "~")) or source.count("/") > 1:
+        raise ModelSourceError(f"model source {source!r}: no such folder")
+
+
 def resolve_model_source(source: str, cache_dir: str) -> str:
     """A local Hugging Face model folder for ``source``.
 
@@ -271,24 +308,16 @@ def resolve_model_source(source: str, cache_dir: str) -> str:
     once into ``cache_dir``, keyed by the URL; ``file://`` URLs are used in place) or a
     hub name (downloaded into ``cache_dir/hub``). Raises :class:`ModelSourceError`.
     """
-    if not source:
-        raise ModelSourceError("model source is empty")
     if source == "tiny":
         raise ModelSourceError("model source 'tiny' is built, not resolved: use prepare_model() or build_tiny_model()")
-    if "://" in source:
-        if source.startswith("file://"):
-            local = source[len("file://"):]
-            if not _is_model_dir(local):
-                raise ModelSourceError(f"model source {source!r} has no config.json: not a Hugging Face model folder")
-            return str(Path(local).resolve())
-        return _copy_from_url(source, cache_dir)
+    if "://" in source and not source.startswith("file://"):
+        return _copy_from_url(source, cache_dir)  # checks the source unless a copy is cached
+    check_model_source(source)
+    if source.startswith("file://"):
+        return str(Path(source[len("file://"):]).resolve())
     local = Path(source).expanduser()
     if local.exists():
-        if not _is_model_dir(str(local)):
-            raise ModelSourceError(f"model source {source!r} exists but has no config.json: not a Hugging Face model folder")
         return str(local.resolve())
-    if source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise ModelSourceError(f"model source {source!r}: no such folder")
     return _from_hub(source, cache_dir)
 
 

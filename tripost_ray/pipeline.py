@@ -4,6 +4,7 @@ weighted training and evaluation, each a resumable stage of one run folder.
 Layout of a run (``<storage.path>/<run_name>/``)::
 
     config.yaml                     the resolved config of the latest invocation
+    _LOCK.json                      held while a run writes the folder (runlock.py)
     problems/                       train / test problems (Parquet)
     model_init/model/               the starting model (HF format)
     sft/model/                      after the gold-rationale warm-up (when enabled)
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from tripost_ray import storage
 from tripost_ray.config import JobConfig, load_config
 from tripost_ray.ray_setup import init_ray
-from tripost_ray.stages import Run
+from tripost_ray.stages import Run, StageNotRun
 from tripost_ray.tasks import Problem, Task, get_task, load_problems
 from tripost_ray.trajectory import TrainingExample, render_trajectory, Turn
 
@@ -277,47 +278,69 @@ def token_counter(model: str):
 
 
 def run_job(cfg: JobConfig, *, force: bool = False) -> dict:
-    """Run (or resume) a whole TriPosT job; returns the run summary."""
+    """Run (or resume) a whole TriPosT job; returns the run summary.
+
+    Everything a run needs is checked before any work (:func:`~tripost_ray.preflight.check_job`),
+    the run folder is locked while the run writes it, and the stages already on disk are
+    checked before the first write: a run refused for a changed config or a damaged stage
+    leaves its folder as it found it.
+    """
+    from tripost_ray.preflight import check_job
     from tripost_ray.report import summarize, write_report
+    from tripost_ray.runlock import run_lock
 
+    check_job(cfg)
     job = Job(cfg, force=force)
-    storage.write_text_atomic(job.run.url("config.yaml"), cfg.to_yaml())
-    started = time.time()
-    init_ray(cfg.ray)
-    teacher = _start_teacher_if_enabled(cfg)
-    try:
-        from tripost_ray.feedback.providers import check_credentials
+    with run_lock(job.run.root, cfg.storage):
+        started = time.time()
+        init_ray(cfg.ray)
+        teacher = _start_teacher_if_enabled(cfg)
+        try:
+            from tripost_ray.feedback.providers import check_credentials
 
-        check_credentials(cfg)
-        probs = job.problems()
-        model = job.initial_model(probs)
-        model, model_stage = job.sft(probs, model)
-        if cfg.eval.initial:
-            job.evaluate(0, model, probs, model_stage)
-        for t in range(1, cfg.iterations + 1):
-            editing_stages = []
-            for p in range(cfg.rollout.max_passes):
-                r = job.rollouts(t, p, model, probs, model_stage)
-                editing_stages.append(job.editing(t, p, r))
-                target = cfg.rollout.target_trajectories
-                if target is None or job.usable_trajectories(editing_stages) >= target:
-                    break
-            pp = job.postprocess(t, editing_stages, probs, model)
-            n_examples = job.run.manifests[pp]["n_examples"]
-            if n_examples == 0 or n_examples < cfg.postprocess.min_new_examples:
-                log.warning("iteration %d yielded %d examples (< postprocess.min_new_examples=%d): stopping early",
-                            t, n_examples, cfg.postprocess.min_new_examples)
-                break
-            trained = job.train_iteration(t, model, pp, model_stage)
-            model, model_stage = job.run.manifests[trained]["model"], trained
-            if cfg.eval.every_iteration or t == cfg.iterations:
-                job.evaluate(t, model, probs, model_stage)
-    finally:
-        if teacher is not None:
-            teacher()
-    summary = summarize(job.run.root, wall_s=time.time() - started)
-    write_report(job.run.root, summary)
+            check_credentials(cfg)
+            check = Job(cfg, force=force)
+            check.run.check_only = True
+            try:
+                _run_stages(check)
+            except StageNotRun:
+                pass
+            storage.write_text_atomic(job.run.url("config.yaml"), cfg.to_yaml())
+            _run_stages(job)
+        finally:
+            if teacher is not None:
+                teacher()
+        summary = summarize(job.run.root, wall_s=time.time() - started)
+        write_report(job.run.root, summary)
     return summary
+
+
+def _run_stages(job: Job) -> None:
+    """The stages of a job in order (each skipped when already complete)."""
+    cfg = job.cfg
+    probs = job.problems()
+    model = job.initial_model(probs)
+    model, model_stage = job.sft(probs, model)
+    if cfg.eval.initial:
+        job.evaluate(0, model, probs, model_stage)
+    for t in range(1, cfg.iterations + 1):
+        editing_stages = []
+        for p in range(cfg.rollout.max_passes):
+            r = job.rollouts(t, p, model, probs, model_stage)
+            editing_stages.append(job.editing(t, p, r))
+            target = cfg.rollout.target_trajectories
+            if target is None or job.usable_trajectories(editing_stages) >= target:
+                break
+        pp = job.postprocess(t, editing_stages, probs, model)
+        n_examples = job.run.manifests[pp]["n_examples"]
+        if n_examples == 0 or n_examples < cfg.postprocess.min_new_examples:
+            log.warning("iteration %d yielded %d examples (< postprocess.min_new_examples=%d): stopping early",
+                        t, n_examples, cfg.postprocess.min_new_examples)
+            break
+        trained = job.train_iteration(t, model, pp, model_stage)
+        model, model_stage = job.run.manifests[trained]["model"], trained
+        if cfg.eval.every_iteration or t == cfg.iterations:
+            job.evaluate(t, model, probs, model_stage)
 
 
 def _start_teacher_if_enabled(cfg: JobConfig):
@@ -326,6 +349,7 @@ def _start_teacher_if_enabled(cfg: JobConfig):
         return None
     import secrets
 
+    from tripost_ray.preflight import served_by_teacher
     from tripost_ray.serve.teacher import openai_base_url, start_teacher, stop_teacher
 
     # A fresh key per invocation: the teacher checks it like a hosted API would, and the
@@ -335,7 +359,7 @@ def _start_teacher_if_enabled(cfg: JobConfig):
                          latency_s=cfg.teacher.latency_s, faults=cfg.teacher.faults or None,
                          api_key=os.environ[TEACHER_KEY_ENV], task_options=cfg.task.difficulty)
     for section in (cfg.feedback, cfg.improve):
-        if section.provider != "scripted" and section.base_url is None:
+        if served_by_teacher(cfg, section):
             section.base_url = openai_base_url(root) if section.provider == "openai" else root
             section.api_key_env = section.api_key_env or TEACHER_KEY_ENV
     return stop_teacher
@@ -355,7 +379,9 @@ def main_run(args) -> int:
     print("# resolved config\n" + cfg.to_yaml())
     if args.dry_run:
         from tripost_ray.plan import print_plan
+        from tripost_ray.preflight import check_job
 
+        check_job(cfg)
         print_plan(cfg)
         return 0
     from tripost_ray.report import format_summary

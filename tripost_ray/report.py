@@ -10,12 +10,16 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import re
 from typing import Any
 
 from tripost_ray import storage
+from tripost_ray.config import ConfigError
 from tripost_ray.stages import MANIFEST
+
+
+class NotARunError(ConfigError):
+    """``tripost report`` pointed at a folder that holds no run."""
 
 
 def load_manifests(root: str) -> dict[str, dict]:
@@ -23,8 +27,7 @@ def load_manifests(root: str) -> dict[str, dict]:
     fs, path = storage.fs_for(root)
     out = {}
     for file in sorted(fs.glob(f"{path.rstrip('/')}/**/{MANIFEST}")):
-        with fs.open(file, "r") as f:
-            manifest = json.load(f)
+        manifest = storage.read_json(storage.join(root, file[len(path.rstrip("/")):]))  # damaged: names the file
         out[manifest.get("stage", file)] = manifest
     return out
 
@@ -196,8 +199,9 @@ def main_report(args) -> int:
     """``tripost report RUN``: rebuild and print a run's report."""
     root = storage.normalize(args.run)
     if not storage.exists(root):
-        print(f"tripost report: no run at {root}")
-        return 2
+        raise NotARunError(f"no run at {root}")
+    if not storage.exists(storage.join(root, "config.yaml")) and not load_manifests(root):
+        raise NotARunError(f"{root} is not a run folder (no config.yaml, no stage {MANIFEST}); nothing written")
     summary = summarize(root)
     write_report(root, summary)
     print(format_summary(summary))

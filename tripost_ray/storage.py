@@ -21,6 +21,20 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
+from fsspec.registry import known_implementations
+
+from tripost_ray.config import ConfigError
+
+#: fsspec backends this project installs through an extra of its own (``pip install 'tripost-ray[s3]'``).
+BACKEND_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+
+
+class StorageError(ConfigError):
+    """A storage URL that cannot be used (no backend, not writable); the message names it."""
+
+
+class DamagedFileError(StorageError):
+    """A file of a run that exists but cannot be read (truncated, overwritten, not the format)."""
 
 
 def join(url: str, *parts: str) -> str:
@@ -39,7 +53,19 @@ def normalize(url: str) -> str:
 
 
 def fs_for(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    return url_to_fs(url)
+    """The filesystem of ``url``; a missing backend package or an unknown protocol is a
+    :class:`StorageError` that names the package and the extra that installs it."""
+    try:
+        return url_to_fs(url)
+    except ImportError:
+        protocol = url.split("://", 1)[0]
+        package = known_implementations.get(protocol, {}).get("class", protocol).split(".")[0]
+        extra = BACKEND_EXTRAS.get(protocol)
+        how = f"pip install 'tripost-ray[{extra}]'" if extra else f"pip install {package}"
+        raise StorageError(f"{url}: the {protocol}:// protocol needs the package {package}, "
+                           f"which is not installed ({how})") from None
+    except ValueError as err:  # "Protocol not known: foo"
+        raise StorageError(f"{url}: not a storage URL fsspec can open ({err})") from None
 
 
 def exists(url: str) -> bool:
@@ -73,8 +99,14 @@ def write_json(url: str, data: Any) -> None:
 
 
 def read_json(url: str) -> Any:
-    with fsspec.open(url, "r") as f:
-        return json.load(f)
+    """Parse a JSON file; a damaged one is a :class:`DamagedFileError` naming it."""
+    fs, path = fs_for(url)
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DamagedFileError(f"{url} is damaged: not valid JSON ({err})") from None
 
 
 def write_table(url: str, rows: list[dict], schema: pa.Schema | None = None) -> None:
@@ -102,8 +134,24 @@ def read_table(url: str) -> list[dict]:
             # use_threads=False: a threaded Parquet read leaves Arrow's thread pool in a
             # state that aborts the interpreter at exit about one run in three
             # (pyarrow 26, "terminate called without an active exception").
-            rows.extend(pq.read_table(pa.BufferReader(f.read()), use_threads=False).to_pylist())
+            try:
+                table = pq.read_table(pa.BufferReader(f.read()), use_threads=False)
+            except pa.ArrowException as err:  # truncated, overwritten, not Parquet
+                shown = url if file == path else join(url, file[len(path.rstrip("/")):])
+                raise DamagedFileError(f"{shown} is damaged: not a readable Parquet file "
+                                       f"({str(err).splitlines()[0]})") from None
+            rows.extend(table.to_pylist())
     return rows
+
+
+def file_sizes(url: str) -> dict[str, int]:
+    """Size of every file under a folder, keyed by path relative to it (empty if absent)."""
+    fs, path = fs_for(url)
+    if not fs.exists(path):
+        return {}
+    base = path.rstrip("/") + "/"
+    return {p[len(base):]: int(info["size"]) for p, info in fs.find(path, detail=True).items()
+            if info.get("type") == "file"}
 
 
 def publish_dir(src: str, dst_url: str) -> None:

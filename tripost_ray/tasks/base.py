@@ -12,8 +12,6 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-import fsspec
-
 from tripost_ray.trajectory import ANSWER_PREFIX, Feedback, extract_final_answer, prompt_for
 
 Split = Literal["train", "test_seen", "test_unseen"]
@@ -98,6 +96,14 @@ class Task(ABC):
         """Scripted IMP: a correct attempt keeping the steps before ``feedback.step`` verbatim."""
 
 
+def _is_json_line(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
 def _records_from_text(text: str, url: str) -> list[dict]:
     """JSON (a list, or BIG-Bench's ``{"examples": [...]}``) or JSONL records."""
     stripped = text.strip()
@@ -106,7 +112,10 @@ def _records_from_text(text: str, url: str) -> list[dict]:
     if stripped[0] in "[{":
         try:
             data = json.loads(stripped)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as err:
+            if not _is_json_line(stripped.splitlines()[0]):  # one JSON document, not JSONL: say where it breaks
+                line = err.lineno + text[: len(text) - len(text.lstrip())].count("\n")
+                raise ProblemFormatError(f"{url}: not valid JSON at line {line}, column {err.colno} ({err.msg})") from None
             data = None
         if isinstance(data, list):
             return data
@@ -115,7 +124,7 @@ def _records_from_text(text: str, url: str) -> list[dict]:
                 return data["examples"]
             return [data]
     records = []
-    for lineno, line in enumerate(stripped.splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -131,8 +140,14 @@ def load_problems(task: Task, url: str, split: Split = "test_seen") -> list[Prob
     Records are BIG-Bench ``{"input", "target"}`` or ``{"question", "target"}``; a
     record may carry its own ``split`` and ``id``.
     """
+    from tripost_ray import storage
+
     try:
-        with fsspec.open(url, "r") as f:
+        fs, path = storage.fs_for(url)
+    except storage.StorageError as err:
+        raise ProblemFormatError(f"cannot read problem file {err}") from None
+    try:
+        with fs.open(path, "r") as f:
             text = f.read()
     except FileNotFoundError:
         raise ProblemFormatError(f"problem file not found: {url}") from None
