@@ -24,7 +24,6 @@ import platform
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,8 +33,9 @@ KEY_ENV = "TRIPOST_BENCH_TEACHER_KEY"
 
 
 def server_rate(root: str) -> dict:
-    with urllib.request.urlopen(root + "/stats") as r:
-        events = json.load(r)["events"]
+    from tripost_ray.serve.teacher import get_stats
+
+    events = get_stats(root, os.environ[KEY_ENV])["events"]
     times = sorted(e[0] for e in events)
     span = times[-1] - times[0] if len(times) > 1 else float("nan")
     return {"requests": len(times), "span_s": span, "req_per_s": (len(times) - 1) / span if len(times) > 1 else 0.0,
@@ -54,9 +54,9 @@ def max_in_window(times: list[float], window: float) -> int:
 def run_case(name, root, rows, actors, concurrency, rpm=None):
     from tripost_ray.config import build_config
     from tripost_ray.feedback.pool import run_editing
-    from tripost_ray.serve.teacher import openai_base_url
+    from tripost_ray.serve.teacher import openai_base_url, reset_stats
 
-    urllib.request.urlopen(urllib.request.Request(root + "/stats/reset", method="POST")).close()
+    reset_stats(root, os.environ[KEY_ENV])
     provider = {"provider": "openai", "model": "tripost-teacher", "base_url": openai_base_url(root),
                 "api_key_env": KEY_ENV}
     if rpm:

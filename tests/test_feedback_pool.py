@@ -7,9 +7,9 @@ for the rate-limit measurement; all shut down at the end (``serve.shutdown()``).
 
 from __future__ import annotations
 
-import json
 import os
-import urllib.request
+import secrets
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +18,7 @@ from tripost_ray.feedback.pool import read_failures, read_trajectories, run_edit
 from tripost_ray.feedback.providers import MissingCredentialsError
 from tripost_ray.feedback.synthetic import corrupted_rollouts
 from tripost_ray.outcomes import STATUSES
-from tripost_ray.serve.teacher import openai_base_url, start_teacher
+from tripost_ray.serve.teacher import get_stats, openai_base_url, reset_stats, start_teacher, stop_teacher
 from tripost_ray.tasks import get_task
 from tripost_ray.trajectory import parse_feedback
 
@@ -54,8 +54,7 @@ def teachers(ray_cluster):
 
 
 def stats(root: str) -> dict:
-    with urllib.request.urlopen(root + "/stats") as r:
-        return json.load(r)
+    return get_stats(root, KEY)
 
 
 def requests_made(root: str) -> int:
@@ -163,7 +162,7 @@ def test_rpm_limit_holds_across_actors_per_the_servers_log(teachers, tmp_path):
     rows = corrupted_rollouts(get_task(ARITH), 14, seed=23, correct_every=0)
     cfg = job(provider("openai", root, **limit), provider("openai", root, **limit), num_actors=3,
               concurrency_per_actor=8)
-    urllib.request.urlopen(urllib.request.Request(root + "/stats/reset", method="POST")).close()
+    reset_stats(root, KEY)
     cfg.editing.cache = False
     summary = run_editing(rows, ARITH, cfg, str(tmp_path / "out"))
     times = sorted(e[0] for e in stats(root)["events"])
@@ -224,3 +223,39 @@ def test_missing_key_fails_before_any_work(teachers, tmp_path, monkeypatch):
         run_editing(corrupted_rollouts(get_task(ARITH), 4, seed=1), ARITH, cfg, str(tmp_path / "out"))
     assert requests_made(root) == before
     assert not (tmp_path / "out").exists()
+
+
+def _files_containing(root: Path, needle: str) -> list[str]:
+    hits = []
+    for p in root.rglob("*"):
+        try:
+            if p.is_file() and needle.encode() in p.read_bytes():
+                hits.append(str(p))
+        except OSError:  # sockets, files removed while walking
+            continue
+    return hits
+
+
+def test_a_key_reaches_the_actors_but_no_file_of_ray_or_the_run(teachers, tmp_path, monkeypatch):
+    """The key is known only to this test: the actors must use it (the teacher answers
+    200, never 401), and afterwards it must occur nowhere under Ray's session folder
+    (every log, the runtime-env agent's included) or the editing outputs and cache."""
+    import ray
+
+    secret = "tripost-leak-probe-" + secrets.token_hex(16)
+    monkeypatch.setenv("TRIPOST_TEST_LEAK_KEY", secret)
+    root = start_teacher(ARITH, name="pool-leak", route_prefix="/pool-leak", api_key=secret)
+    try:
+        cfg = job(provider("openai", root, api_key_env="TRIPOST_TEST_LEAK_KEY"),
+                  provider("anthropic", root, api_key_env="TRIPOST_TEST_LEAK_KEY"), max_actor_restarts=0)
+        rows = corrupted_rollouts(get_task(ARITH), 6, seed=11, correct_every=0)
+        summary = run_editing(rows, ARITH, cfg, str(tmp_path / "editing"), cache_uri=str(tmp_path / "cache"))
+        served = get_stats(root, secret)
+    finally:
+        stop_teacher("pool-leak")
+    assert summary.trajectories > 0 and summary.http_requests >= 12, summary.table()
+    assert set(served["status"]) == {"200"} and served["api"].keys() == {"openai", "anthropic"}
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    assert (session / "logs").is_dir(), session
+    assert _files_containing(session, secret) == []
+    assert _files_containing(tmp_path, secret) == []

@@ -31,7 +31,6 @@ from tripost_ray.submit import (
     entrypoint,
     ray_auth_headers,
     runtime_env,
-    secret_env,
     submit_job,
 )
 
@@ -69,25 +68,25 @@ def test_reduced_overrides_name_real_fields():
     assert (cfg.iterations, cfg.task.n_train, cfg.train.epochs) == (1, 24, 1)
 
 
-def test_secret_env_passes_only_present_secrets_including_a_configs_own_key_name(tmp_path, monkeypatch):
+def test_the_job_needs_only_the_keys_its_config_names(tmp_path):
     from tripost_ray.config import load_config
+    from tripost_ray.feedback.providers import needed_key_names
 
     cfg = load_config(_config(tmp_path, "improve:\n  provider: openai\n  api_key_env: MY_IMP_KEY\n"))
-    for name in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "HF_TOKEN", "MY_IMP_KEY", "UNRELATED_SECRET"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("MY_IMP_KEY", "v1")
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "v2")
-    monkeypatch.setenv("UNRELATED_SECRET", "v3")
-    monkeypatch.setenv("OPENAI_API_KEY", "")  # empty counts as absent
-    assert secret_env(cfg) == {"ANTHROPIC_API_KEY": "v2", "MY_IMP_KEY": "v1"}
+    assert needed_key_names(cfg) == ["MY_IMP_KEY"]  # feedback is scripted: no key, and never HF_TOKEN & co
+    # the job's own teacher answers providers without a base_url: its key is minted by the job
+    assert needed_key_names(load_config(QUICKSTART)) == []
+    served_elsewhere = load_config(QUICKSTART, ["feedback.provider=anthropic", "feedback.base_url=http://h:1"])
+    assert needed_key_names(served_elsewhere) == ["ANTHROPIC_API_KEY"]
 
 
-def test_entrypoint_and_runtime_env_name_files_not_secrets(tmp_path):
-    env = runtime_env(tmp_path, {"OPENAI_API_KEY": "s3cr3t-value"}, pip=["s3fs"])
-    assert "s3cr3t" not in entrypoint() and JOB_CONFIG_NAME in entrypoint()
+def test_entrypoint_and_runtime_env_carry_no_secret(tmp_path):
+    env = runtime_env(tmp_path, pip=["s3fs"])
+    assert entrypoint() == f"python -m tripost_ray.submit --driver {JOB_CONFIG_NAME}"
+    assert env["env_vars"] == {"TOKENIZERS_PARALLELISM": "false"}
     assert env["working_dir"] == str(tmp_path) and env["pip"] == ["s3fs"]
     assert Path(env["py_modules"][0]).name == "tripost_ray"
-    assert "pip" not in runtime_env(tmp_path, {})  # pip only when asked
+    assert "pip" not in runtime_env(tmp_path)  # pip only when asked
 
 
 def test_ray_auth_headers(tmp_path, monkeypatch):
@@ -160,16 +159,16 @@ def test_cli_submit_flags_reach_submit_job(tmp_path, monkeypatch):
 
     seen = {}
 
-    def record(config, address, overrides, wait, *, pip, pass_secrets):
-        seen.update(config=config, address=address, overrides=overrides, wait=wait, pip=pip, pass_secrets=pass_secrets)
+    def record(config, address, overrides, wait, *, pip):
+        seen.update(config=config, address=address, overrides=overrides, wait=wait, pip=pip)
         return "id-1", "FAILED"
 
     monkeypatch.setattr(submit, "submit_job", record)
     rc = cli.main(["submit", "c.yaml", "--address", "http://h:8265", "-o", "a.b=1", "--runtime-env-pip", "s3fs",
-                   "--runtime-env-pip", "gcsfs", "--no-secrets"])
+                   "--runtime-env-pip", "gcsfs"])
     assert rc == 1  # a FAILED job is a failing exit code
     assert seen == {"config": "c.yaml", "address": "http://h:8265", "overrides": ["a.b=1"], "wait": True,
-                    "pip": ["s3fs", "gcsfs"], "pass_secrets": False}
+                    "pip": ["s3fs", "gcsfs"]}
     monkeypatch.setattr(submit, "submit_job", lambda *a, **k: ("id-2", "PENDING"))
     assert cli.main(["submit", "c.yaml", "--address", "http://h:8265", "--no-wait"]) == 0
 
@@ -199,7 +198,7 @@ def _files_containing(root: Path, needle: str) -> list[Path]:
 def ray_head():
     """A real head: ``ray start --head --block`` on 127.0.0.1 with token auth, its own
     ports and temp dir, the project venv first on PATH (the job's ``python``), and no
-    API key in its environment (a job gets keys only from the submission)."""
+    API key in its environment (so a job that needs one must fail, and say so)."""
     temp_dir = Path(tempfile.mkdtemp(prefix="trs"))  # short: unix socket paths are limited
     port, dash, agent, client = (_free_port() for _ in range(4))
     token = secrets.token_hex(16)
@@ -255,15 +254,47 @@ def test_submit_without_the_token_is_refused_with_a_clear_error(ray_head, tmp_pa
         submit_job(path, ray_head["address"], ["storage.path=" + str(tmp_path / "runs")], wait=False)
 
 
+def _job_info(ray_head: dict, submission_id: str):
+    from ray.job_submission import JobSubmissionClient
+
+    headers = {"Authorization": f"Bearer {ray_head['token']}"}
+    return JobSubmissionClient(ray_head["address"], headers=headers).get_job_info(submission_id)
+
+
+def _assert_nowhere_on_the_cluster(ray_head: dict, submission_id: str, secret: str) -> None:
+    """The value is in no file of the head's session folders (logs included) and not in
+    the job table (entrypoint, metadata, runtime_env)."""
+    assert _files_containing(ray_head["temp_dir"], secret) == []
+    info = _job_info(ray_head, submission_id)
+    assert secret not in json.dumps([info.entrypoint, info.metadata, info.runtime_env], default=str)
+
+
+@pytest.mark.integration
+def test_a_key_the_cluster_lacks_fails_the_job_in_one_line_and_is_never_sent(ray_head, tmp_path, monkeypatch):
+    secret = "tripost-test-secret-" + secrets.token_hex(12)
+    monkeypatch.setenv("OPENAI_API_KEY", secret)  # in the submitter's shell only
+    monkeypatch.setenv("RAY_AUTH_TOKEN", ray_head["token"])
+    logs = io.StringIO()
+    overrides = REDUCED + [f"storage.path={tmp_path / 'runs'}", "run_name=keyless",
+                           "feedback.base_url=http://127.0.0.1:9/v1"]  # a hosted LLM: its key is needed
+    submission_id, status = submit_job(QUICKSTART, ray_head["address"], overrides, wait=True,
+                                       stage_dir=tmp_path / "stage", log_stream=logs, timeout_s=300)
+    out = logs.getvalue()
+    assert status == "FAILED", out[-3000:]
+    assert "the job reads from the cluster's environment (none is sent): OPENAI_API_KEY" in out
+    assert "[tripost job] the config needs OPENAI_API_KEY in the environment of the job's driver" in out
+    assert "Traceback" not in out
+    assert secret not in out and _files_containing(tmp_path, secret) == []
+    _assert_nowhere_on_the_cluster(ray_head, submission_id, secret)
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_submit_reduced_quickstart_to_a_real_head(ray_head, tmp_path, monkeypatch):
-    from ray.job_submission import JobSubmissionClient
-
     assert QUICKSTART.is_file(), f"{QUICKSTART} is missing: the submit test runs the quickstart job"
     secret = "tripost-test-secret-" + secrets.token_hex(12)
-    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    monkeypatch.setenv("OPENAI_API_KEY", secret)  # not needed by the quickstart: must not travel
     monkeypatch.setenv("RAY_AUTH_TOKEN", ray_head["token"])
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     storage = tmp_path / "runs"
@@ -276,25 +307,19 @@ def test_submit_reduced_quickstart_to_a_real_head(ray_head, tmp_path, monkeypatc
     out = logs.getvalue()
     assert status == "SUCCEEDED", out[-5000:]
 
-    # The secret reached the job (the driver reports names only) ...
-    assert "[tripost job] secrets in the environment: OPENAI_API_KEY" in out
+    # The quickstart's teacher key is minted by the job; the submitter sent no key ...
+    assert "(none is sent): none" in out and "[tripost job] API keys in the environment: none needed" in out
     # ... and the job's outputs are in the storage the submitter named.
     run = storage / "submitted"
     assert (run / "config.yaml").is_file() and (run / "report.json").is_file(), sorted(run.rglob("*"))
     report = json.loads((run / "report.json").read_text())
     assert report, "empty report"
 
-    # The secret's value is in no file the submitter wrote or uploaded, not in the logs,
-    # the run's outputs, the entrypoint or the job's metadata.
+    # The submitter's key is in no file it wrote or uploaded, not in the logs, the run's
+    # outputs, or anywhere on the cluster (its session folders, the job table).
     assert secret not in out
     assert (stage / JOB_CONFIG_NAME).is_file()
     assert _files_containing(stage, secret) == []
     assert _files_containing(ROOT / "tripost_ray", secret) == []
     assert _files_containing(run, secret) == []
-    info = JobSubmissionClient(ray_head["address"],
-                               headers={"Authorization": f"Bearer {ray_head['token']}"}).get_job_info(submission_id)
-    assert secret not in info.entrypoint and secret not in json.dumps(info.metadata or {})
-    # On the cluster, Ray itself records a job's runtime_env (env_vars included) in its
-    # runtime-env agent log (ray-project/ray#39502); nowhere else may hold the value.
-    leaked = {p.name for p in _files_containing(ray_head["temp_dir"], secret)}
-    assert leaked <= {"runtime_env_agent.log"}, leaked
+    _assert_nowhere_on_the_cluster(ray_head, submission_id, secret)

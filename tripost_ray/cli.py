@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--api-key-env", default=None, help="require this env var's value as bearer key")
     teacher.add_argument("--latency-s", type=float, default=0.0)
     teacher.add_argument("--faults", default="", help="fault rates, e.g. '429=0.2,500=0.05,malformed=0.05,hang=0.01'")
+    teacher.add_argument("--max-body-bytes", type=int, default=None,
+                         help="refuse larger request bodies (413; default: teacher.max_body_bytes)")
 
     rep = sub.add_parser("report", help="(re)write and print a run's report")
     rep.add_argument("run", help="run folder (fsspec URL)")
@@ -66,8 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--runtime-env-pip", action="append", default=[], metavar="REQUIREMENT",
                     help="pip requirement installed in the job's runtime env (repeatable; default: none, "
                          "the cluster image has the dependencies)")
-    sb.add_argument("--no-secrets", action="store_true",
-                    help="do not pass API keys from this environment (the cluster provides its own)")
     return parser
 
 

@@ -311,6 +311,7 @@ class TeacherConfig(Section):
     port: int = Field(8123, ge=1, le=65535)
     latency_s: float = Field(0.0, ge=0, description="Added latency per request (benchmarks).")
     faults: str = Field("", description="Injected fault rates, e.g. '429=0.2,500=0.05' (tests).")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies are refused (413).")
 
 
 # ------------------------------------------------------------------------ storage

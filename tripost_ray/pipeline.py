@@ -349,19 +349,21 @@ def _start_teacher_if_enabled(cfg: JobConfig):
         return None
     import secrets
 
-    from tripost_ray.preflight import served_by_teacher
-    from tripost_ray.serve.teacher import openai_base_url, start_teacher, stop_teacher
+    from tripost_ray.feedback.providers import served_by_job_teacher
+    from tripost_ray.serve.teacher import DEFAULT_MODEL, openai_base_url, start_teacher, stop_teacher
 
+    served = [s for s in (cfg.feedback, cfg.improve) if served_by_job_teacher(cfg, s)]
     # A fresh key per invocation: the teacher checks it like a hosted API would, and the
-    # providers read it from the environment like any other key (it is never stored).
+    # providers read it from the driver's environment like any other key (it is never stored).
     os.environ[TEACHER_KEY_ENV] = secrets.token_urlsafe(24)
     root = start_teacher(cfg.task.name, host=cfg.teacher.host, port=cfg.teacher.port,
                          latency_s=cfg.teacher.latency_s, faults=cfg.teacher.faults or None,
-                         api_key=os.environ[TEACHER_KEY_ENV], task_options=cfg.task.difficulty)
-    for section in (cfg.feedback, cfg.improve):
-        if served_by_teacher(cfg, section):
-            section.base_url = openai_base_url(root) if section.provider == "openai" else root
-            section.api_key_env = section.api_key_env or TEACHER_KEY_ENV
+                         api_key=os.environ[TEACHER_KEY_ENV], task_options=cfg.task.difficulty,
+                         models=sorted({s.model for s in served}) or [DEFAULT_MODEL],
+                         max_body_bytes=cfg.teacher.max_body_bytes)
+    for section in served:
+        section.base_url = openai_base_url(root) if section.provider == "openai" else root
+        section.api_key_env = TEACHER_KEY_ENV
     return stop_teacher
 
 

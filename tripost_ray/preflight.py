@@ -26,12 +26,6 @@ class PreflightError(ConfigError):
     """Something a job needs is missing or unusable; the message names the field."""
 
 
-def served_by_teacher(cfg: JobConfig, section: ProviderConfig) -> bool:
-    """Whether the job's own teacher server answers this FBK/IMP section (its key is made
-    per run, so none is needed from the environment)."""
-    return cfg.teacher.enabled and section.provider != "scripted" and section.base_url is None
-
-
 def check_job(cfg: JobConfig) -> None:
     """Storage, problem files, the model source and API keys of a job; raises
     :class:`PreflightError` (or :class:`~tripost_ray.feedback.providers.MissingCredentialsError`)."""
@@ -119,10 +113,10 @@ def check_model(cfg: JobConfig) -> None:
 def check_keys(cfg: JobConfig) -> None:
     """Every FBK/IMP provider the job calls has its API key in the environment (sections
     answered by the job's own teacher server need none)."""
-    from tripost_ray.feedback.providers import check_credentials
+    from tripost_ray.feedback.providers import check_credentials, served_by_job_teacher
 
     scripted = ProviderConfig()
     check_credentials(SimpleNamespace(
-        feedback=scripted if served_by_teacher(cfg, cfg.feedback) else cfg.feedback,
-        improve=scripted if served_by_teacher(cfg, cfg.improve) else cfg.improve,
+        feedback=scripted if served_by_job_teacher(cfg, cfg.feedback) else cfg.feedback,
+        improve=scripted if served_by_job_teacher(cfg, cfg.improve) else cfg.improve,
     ))

@@ -7,16 +7,16 @@ What is sent (``ray job submit`` semantics, through the Ray Jobs REST API):
   cluster runs exactly the config that was checked);
 * this package as a ``py_modules`` entry, so the cluster runs the submitter's code;
   pip requirements only when asked (a cluster image normally has them installed);
-* the secrets present in the submitter's environment (the LLM keys a config names, plus
-  OPENAI_API_KEY / ANTHROPIC_API_KEY / HF_TOKEN) as ``runtime_env.env_vars`` of the
-  request. They are never written to a file here: not into ``job.yaml`` (a config holds
-  only variable *names*), not into the entrypoint, not into the job's metadata.
-
-Known limit of Ray itself (ray-project/ray#39502): the cluster keeps a job's runtime_env,
-env_vars included, in its job table (visible to anyone who can read the dashboard /
-Jobs API) and its ``runtime_env_agent.log`` records it. On a shared cluster prefer
-cluster-side secrets (KubeRay secretKeyRef, the launcher's secret-store helper, see
-docs/DEPLOY.md) and submit with ``pass_secrets=False`` (``--no-secrets``).
+* no secret. Everything a submission carries (entrypoint, metadata, runtime_env with
+  its ``env_vars``) lands in the cluster's job table, readable by anyone who can reach
+  the dashboard / Jobs API, and a runtime_env is also written in plain text into every
+  node's ``runtime_env_agent.log`` (ray-project/ray#39502). The Jobs API has no other
+  channel to the driver, so API keys are not sent at all: the job's driver reads the
+  keys its config names from *its own* environment, which the cluster provides (KubeRay:
+  a Secret in the head pod's env; ``ray start``: the environment it was started in; see
+  docs/DEPLOY.md). The submitter prints the names the job will need, and the driver
+  checks them before any work and fails in one line naming what is missing. Inside the
+  job the keys reach the editing actors in memory (:mod:`tripost_ray.feedback.keys`).
 
 Ray 2.60 token authentication: the token is sent as a bearer header when
 ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH`` is set, or when ``RAY_AUTH_MODE=token``
@@ -37,8 +37,6 @@ from typing import TextIO
 
 from tripost_ray.config import ConfigError, JobConfig, load_config
 
-#: Secrets forwarded whenever the submitter has them (plus each provider's api_key_env).
-SECRET_ENV_NAMES = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "HF_TOKEN")
 #: The job's config inside its working dir.
 JOB_CONFIG_NAME = "job.yaml"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -53,22 +51,7 @@ class SubmitError(RuntimeError):
     """The job could not be submitted or followed; the message says what to do."""
 
 
-# ---------------------------------------------------------------- secrets, auth
-
-
-def secret_env_names(cfg: JobConfig) -> list[str]:
-    """Names of the environment variables whose values a job may need on the cluster."""
-    from tripost_ray.feedback.providers import key_env
-
-    names = set(SECRET_ENV_NAMES)
-    names.update(n for n in (key_env(cfg.feedback), key_env(cfg.improve)) if n)
-    return sorted(names)
-
-
-def secret_env(cfg: JobConfig, environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The secrets present in ``environ`` (default: this process's), by name."""
-    environ = os.environ if environ is None else environ
-    return {n: environ[n] for n in secret_env_names(cfg) if environ.get(n)}
+# ------------------------------------------------------------------------- auth
 
 
 def ray_auth_headers(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -98,13 +81,13 @@ def ray_auth_headers(environ: dict[str, str] | None = None) -> dict[str, str]:
 # ------------------------------------------------------------------ the request
 
 
-def runtime_env(work_dir: Path, env_vars: dict[str, str], pip: list[str] | None = None) -> dict:
-    """The job's runtime_env: its own working dir, this package, optional pip, secrets."""
+def runtime_env(work_dir: Path, pip: list[str] | None = None) -> dict:
+    """The job's runtime_env: its own working dir, this package, optional pip; no secret."""
     env: dict = {
         "working_dir": str(work_dir),
         "py_modules": [str(PACKAGE_DIR)],
         "excludes": list(_PACKAGE_EXCLUDES),
-        "env_vars": {"TOKENIZERS_PARALLELISM": "false", **env_vars},
+        "env_vars": {"TOKENIZERS_PARALLELISM": "false"},
     }
     if pip:
         env["pip"] = list(pip)
@@ -136,7 +119,6 @@ def submit_job(
     wait: bool = True,
     *,
     pip: list[str] | None = None,
-    pass_secrets: bool = True,
     force: bool = False,
     stage_dir: str | Path | None = None,
     log_stream: TextIO | None = None,
@@ -154,9 +136,11 @@ def submit_job(
     """
     from ray.exceptions import AuthenticationError
 
+    from tripost_ray.feedback.providers import needed_key_names
+
     cfg = load_config(config_path, overrides)
     _check_storage(cfg)
-    env_vars = secret_env(cfg) if pass_secrets else {}
+    keys = needed_key_names(cfg)
     client = _client(address)
     submission_id = f"tripost-{cfg.run_name}-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="tripost-submit-") as tmp:
@@ -167,15 +151,15 @@ def submit_job(
             submit_when_agent_ready(
                 client, agent_wait_s,
                 entrypoint=entrypoint(force),
-                runtime_env=runtime_env(work, env_vars, pip),
+                runtime_env=runtime_env(work, pip),
                 submission_id=submission_id,
                 metadata={"tripost_run_name": cfg.run_name, "tripost_config": str(config_path)},
             )
         except AuthenticationError as err:
             raise SubmitError(_auth_help(address, err)) from None
     out = log_stream or sys.stdout
-    print(f"submitted {submission_id} to {address} (secrets passed: {', '.join(sorted(env_vars)) or 'none'})",
-          file=out, flush=True)
+    print(f"submitted {submission_id} to {address}; API keys the job reads from the cluster's environment "
+          f"(none is sent): {', '.join(keys) or 'none'}", file=out, flush=True)
     if not wait:
         return submission_id, str(client.get_job_status(submission_id).value)
     return submission_id, follow_job(client, submission_id, out, timeout_s=timeout_s, poll_s=poll_s)
@@ -246,11 +230,11 @@ def follow_job(client, submission_id: str, out: TextIO, *, timeout_s: float | No
 
 def main_submit(args) -> int:
     """``tripost submit CONFIG --address URL [-o key=value ...] [--no-wait]
-    [--runtime-env-pip REQ ...] [--no-secrets]``; exit code 0 only for SUCCEEDED."""
+    [--runtime-env-pip REQ ...]``; exit code 0 only for SUCCEEDED."""
     try:
         submission_id, status = submit_job(
             args.config, args.address, args.override, wait=not args.no_wait,
-            pip=args.runtime_env_pip or None, pass_secrets=not args.no_secrets,
+            pip=args.runtime_env_pip or None,
         )
     except SubmitError as err:
         print(f"tripost submit: {err}", file=sys.stderr)
@@ -263,8 +247,9 @@ def main_submit(args) -> int:
 
 
 def _driver(argv: list[str]) -> int:
-    """The job's entrypoint on the cluster: report which secrets arrived (names only),
-    then run the config like ``tripost run``."""
+    """The job's entrypoint on the cluster: check that the cluster's environment holds
+    the API keys the config needs (names only are printed), then run the config like
+    ``tripost run``."""
     import argparse
 
     from tripost_ray import cli
@@ -273,9 +258,18 @@ def _driver(argv: list[str]) -> int:
     parser.add_argument("--driver", required=True, metavar="CONFIG")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
+    from tripost_ray.feedback.providers import needed_key_names
+
     cfg = load_config(args.driver)
-    present = [n for n in secret_env_names(cfg) if os.environ.get(n)]
-    print(f"[tripost job] secrets in the environment: {', '.join(present) or 'none'} (values not shown)", flush=True)
+    needed = needed_key_names(cfg)
+    missing = [n for n in needed if not os.environ.get(n)]
+    if missing:
+        print(f"[tripost job] the config needs {', '.join(missing)} in the environment of the job's driver "
+              "(the cluster's head); set it there (KubeRay: a secretKeyRef env of the head pod; ray start: "
+              "export it first), see docs/DEPLOY.md", file=sys.stderr, flush=True)
+        return 2
+    print(f"[tripost job] API keys in the environment: {', '.join(needed) or 'none needed'} (values not shown)",
+          flush=True)
     return cli.main(["run", args.driver] + (["--force"] if args.force else []))
 
 

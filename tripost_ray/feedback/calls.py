@@ -66,10 +66,11 @@ class LLMTeacher:
         cache: ResponseCache | None = None,
         provider: Any = None,
         seed: int | None = None,
+        api_key: str | None = None,
     ):
         self.task, self.cfg, self.price = task, cfg, price
         self.limiter, self.budget, self.cache = limiter, budget, cache
-        self.provider = provider if provider is not None else make_provider(cfg)
+        self.provider = provider if provider is not None else make_provider(cfg, api_key)
         self.rng = random.Random(seed)
 
     # ------------------------------------------------------------ the two roles

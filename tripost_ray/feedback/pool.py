@@ -23,15 +23,14 @@ discarded it) and ``summary.json`` (:class:`EditingSummary`, written last). JSON
 the nested, free-form trajectory records exact; :func:`read_trajectories` and
 :func:`read_failures` read them back.
 
-API keys reach the actors only through their ``runtime_env`` environment (Ray's
-mechanism for a process environment); they are never actor arguments, records, cache
-keys or log lines.
+API keys go from the driver's environment to the actors through a key holder actor,
+in memory (:mod:`tripost_ray.feedback.keys`: not a ``runtime_env``, which Ray logs);
+they are never actor creation arguments, records, cache keys or log lines.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -42,7 +41,8 @@ import ray
 from tripost_ray import storage
 from tripost_ray.config import JobConfig, ProviderConfig
 from tripost_ray.feedback.costs import price_for, require_price
-from tripost_ray.feedback.providers import check_credentials
+from tripost_ray.feedback.keys import fetch_keys, start_key_holder
+from tripost_ray.feedback.providers import check_credentials, key_env
 from tripost_ray.trajectory import Trajectory
 
 REQUIRED_COLUMNS = ("problem_id", "question", "target", "output")
@@ -101,7 +101,8 @@ class EditingWorker:
     """Runs editing conversations concurrently (an async Ray actor; see ``run_editing``)."""
 
     def __init__(self, task_name: str, task_options: dict, fbk_cfg: dict, imp_cfg: dict, prices: dict,
-                 cache_uri: str | None, limiters: dict, budget: Any, max_rounds: int, seed: int = 0):
+                 cache_uri: str | None, limiters: dict, budget: Any, max_rounds: int, seed: int = 0,
+                 keys: Any = None):
         from tripost_ray.config import Price
         from tripost_ray.editing import scripted_fbk, scripted_imp
         from tripost_ray.feedback.cache import ResponseCache
@@ -112,14 +113,16 @@ class EditingWorker:
         self.max_rounds = max_rounds
         table = {name: Price.model_validate(p) for name, p in prices.items()}
         cache = ResponseCache(cache_uri) if cache_uri else None
+        cfgs = {"fbk": ProviderConfig.model_validate(fbk_cfg), "imp": ProviderConfig.model_validate(imp_cfg)}
+        names = sorted({n for n in map(key_env, cfgs.values()) if n})
+        api_keys = fetch_keys(keys, names)
         calls = {}
-        for role, raw in (("fbk", fbk_cfg), ("imp", imp_cfg)):
-            cfg = ProviderConfig.model_validate(raw)
+        for role, cfg in cfgs.items():
             if cfg.provider == "scripted":
                 calls[role] = scripted_fbk(self.task) if role == "fbk" else scripted_imp(self.task)
             else:
                 teacher = LLMTeacher(self.task, cfg, price_for(table, cfg), limiter=limiters.get(role),
-                                     budget=budget, cache=cache, seed=seed)
+                                     budget=budget, cache=cache, seed=seed, api_key=api_keys[key_env(cfg)])
                 calls[role] = teacher.fbk if role == "fbk" else teacher.imp
         self.fbk, self.imp = calls["fbk"], calls["imp"]
 
@@ -298,20 +301,18 @@ def run_editing(
         if cfg.provider != "scripted":
             limiters[role] = get_limiter(cfg)
     budget = new_budget(max_usd) if max_usd is not None and llm_sections else None
-    env = {name: os.environ[name] for name in needed_env}
+    keys = start_key_holder(needed_env) if needed_env else None
     # A crashed worker is restarted and its in-flight edits retried: an edit is idempotent
     # (replies already paid for come from the cache), so a retry never pays twice.
     options: dict[str, Any] = {"num_cpus": editing.num_cpus_per_actor, "max_concurrency": editing.concurrency_per_actor,
                                "max_restarts": editing.max_actor_restarts,
                                "max_task_retries": editing.max_actor_restarts}
-    if env:
-        options["runtime_env"] = {"env_vars": env}
     worker_cls = ray.remote(EditingWorker)
     prices = {name: p.model_dump() for name, p in editing.prices.items()}
     actors = [
         worker_cls.options(**options).remote(
             task_name, dict(task_options or {}), job.feedback.model_dump(), job.improve.model_dump(), prices,
-            cache_uri, limiters, budget, editing.max_improve_rounds, job.seed + i,
+            cache_uri, limiters, budget, editing.max_improve_rounds, job.seed + i, keys,
         )
         for i in range(min(editing.num_actors, max(1, len(rows))))
     ]
@@ -321,8 +322,9 @@ def run_editing(
     finally:
         for actor in actors:
             ray.kill(actor)
-        if budget is not None:
-            ray.kill(budget)
+        for helper in (budget, keys):
+            if helper is not None:
+                ray.kill(helper)
 
     results.sort(key=lambda r: r["index"])
     trajectories = [r["trajectory"] for r in results if r["trajectory"] is not None]

@@ -19,9 +19,10 @@ lease, send, classify, back off, retry. The SDKs still do what they are good at:
 format, auth headers, timeouts, connection pooling, typed errors, Retry-After parsing.
 
 **Keys** come only from the environment: ``api_key_env`` or ``OPENAI_API_KEY`` /
-``ANTHROPIC_API_KEY``. :func:`check_credentials` fails before any work when one is
-missing. A key is read when a client is built and handed to the SDK only; it is never
-put in a log line, an error message, a cache key, an outcome record or a config dump.
+``ANTHROPIC_API_KEY`` (of the driver; :mod:`tripost_ray.feedback.keys` hands them to the
+editing actors in memory). :func:`check_credentials` fails before any work when one is
+missing. A key is handed to the SDK only; it is never put in a log line, an error
+message, a cache key, an outcome record, a config dump or a Ray ``runtime_env``.
 """
 
 from __future__ import annotations
@@ -103,12 +104,25 @@ def key_env(cfg: ProviderConfig) -> str | None:
     return cfg.api_key_env or DEFAULT_KEY_ENV[cfg.provider]
 
 
+def served_by_job_teacher(job, cfg: ProviderConfig) -> bool:
+    """Whether the job's own teacher server answers this provider section (``teacher.enabled``
+    and no ``base_url``): its key is then minted by the job, not read from the environment."""
+    return job.teacher.enabled and cfg.provider != "scripted" and cfg.base_url is None
+
+
+def needed_key_names(job) -> list[str]:
+    """Names of the environment variables whose values a job's driver will need (a
+    :class:`~tripost_ray.config.JobConfig` before it runs; the job's own teacher needs none)."""
+    names = [key_env(c) for c in (job.feedback, job.improve) if not served_by_job_teacher(job, c)]
+    return sorted({n for n in names if n})
+
+
 def check_credentials(cfg) -> list[str]:
     """Fail before any work when a configured LLM provider has no key in the environment.
 
     ``cfg`` is a :class:`~tripost_ray.config.JobConfig` (its ``feedback`` and ``improve``
     sections are checked) or a single :class:`ProviderConfig`. Returns the names of the
-    environment variables the job needs (the pool forwards exactly these to its actors).
+    environment variables the job needs (the pool hands exactly these to its actors).
     """
     sections = [("feedback", cfg.feedback), ("improve", cfg.improve)] if hasattr(cfg, "feedback") else [
         ("provider", cfg)
@@ -193,13 +207,13 @@ def _classify(err: Exception, sdk) -> ProviderError:
 class OpenAIProvider:
     """Chat completions through ``openai.AsyncOpenAI`` (any OpenAI-compatible base_url)."""
 
-    def __init__(self, cfg: ProviderConfig):
+    def __init__(self, cfg: ProviderConfig, api_key: str | None = None):
         import openai
 
         self.cfg = cfg
         self._sdk = openai
         self._client = openai.AsyncOpenAI(
-            api_key=_api_key(cfg), base_url=cfg.base_url, timeout=cfg.timeout_s, max_retries=0
+            api_key=api_key or _api_key(cfg), base_url=cfg.base_url, timeout=cfg.timeout_s, max_retries=0
         )
 
     async def complete(self, prompt: Prompt) -> Reply:
@@ -236,13 +250,13 @@ class AnthropicProvider:
     parameter, so ``temperature`` is not sent here (it still keys the cache).
     """
 
-    def __init__(self, cfg: ProviderConfig):
+    def __init__(self, cfg: ProviderConfig, api_key: str | None = None):
         import anthropic
 
         self.cfg = cfg
         self._sdk = anthropic
         self._client = anthropic.AsyncAnthropic(
-            api_key=_api_key(cfg), base_url=cfg.base_url, timeout=cfg.timeout_s, max_retries=0
+            api_key=api_key or _api_key(cfg), base_url=cfg.base_url, timeout=cfg.timeout_s, max_retries=0
         )
 
     async def complete(self, prompt: Prompt) -> Reply:
@@ -268,10 +282,14 @@ class AnthropicProvider:
         await self._client.close()
 
 
-def make_provider(cfg: ProviderConfig):
-    """The HTTP provider of a config section (raises for scripted: it has no wire format)."""
+def make_provider(cfg: ProviderConfig, api_key: str | None = None):
+    """The HTTP provider of a config section (raises for scripted: it has no wire format).
+
+    ``api_key``: the key's value when the caller has it (an editing actor gets it from the
+    driver, see :mod:`tripost_ray.feedback.keys`); otherwise it is read from this
+    process's environment."""
     if cfg.provider == "openai":
-        return OpenAIProvider(cfg)
+        return OpenAIProvider(cfg, api_key)
     if cfg.provider == "anthropic":
-        return AnthropicProvider(cfg)
+        return AnthropicProvider(cfg, api_key)
     raise ValueError(f"provider {cfg.provider!r} is not an HTTP provider")

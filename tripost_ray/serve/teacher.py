@@ -20,25 +20,38 @@ are deterministic, grow with the text like real counts, and exercise every code 
 that charges usage (TPM, cost, budget). ``max_tokens`` truncates a reply at that many
 words (``finish_reason: length`` / ``stop_reason: max_tokens``); stop strings cut it.
 
+**It says no rather than answer wrongly.** Each request is validated (strict pydantic
+models of the fields it understands; any other field is refused): a malformed field,
+a model name it does not serve, ``n`` other than 1 or a body that is not a JSON object
+gets a 400 naming the field and the reason; a body over ``max_body_bytes`` a 413
+(``request_too_large``, as Anthropic's API answers). ``stream: true`` is streamed as
+server-sent events in each API's own format (OpenAI ``chat.completion.chunk`` deltas
+and ``[DONE]``; Anthropic ``message_start`` ... ``message_stop``), so the SDKs'
+streaming helpers work unchanged.
+
 **Test and benchmark knobs**: a fixed added latency, and faults at set rates drawn from
 a seeded generator (:class:`Faults`): 429 with ``retry-after`` / ``retry-after-ms``,
 500, a hang past the client timeout, a malformed or empty answer, a refusal. An
-optional key check accepts ``Authorization: Bearer <key>`` or ``x-api-key: <key>``
-(only the key's SHA-256 is given to the replica, so no secret sits in the Serve
-config). ``GET /stats`` returns counts per API, fault and status plus one event per
-request (arrival time, API, role, fault, status): the request log tests and
-benchmarks count from; ``POST /stats/reset`` clears it.
+optional key check accepts ``Authorization: Bearer <key>`` or ``x-api-key: <key>`` on
+every route but ``GET /healthz`` (only the key's SHA-256 is given to the replica, so no
+secret sits in the Serve config); a host other than loopback is refused without one.
+``GET /stats`` returns counts per API, fault and status plus one event per request
+(arrival time, API, role, fault, status): the request log tests and benchmarks count
+from; ``POST /stats/reset`` clears it.
 
 The HTTP proxy of Ray Serve is cluster-wide: one host and port per Ray cluster, set by
 the first ``serve.start``. :func:`start_teacher` reuses a running proxy (and refuses a
-different explicit port) and mounts each teacher under its own ``route_prefix``.
+different explicit port, or a second app of the same name) and mounts each teacher
+under its own ``route_prefix``. A port that any other process already listens on (a
+second cluster's Serve included) is refused before Serve starts.
 """
-
 
 
 import asyncio
 import hashlib
 import hmac
+import ipaddress
+import json
 import os
 import random
 import re
@@ -48,15 +61,17 @@ import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
-from typing import Optional, Tuple
+from typing import Annotated, Any, Iterator, Literal, Optional, Sequence, Tuple
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from ray import serve
 
-from tripost_ray.config import ConfigError
+from tripost_ray.config import ConfigError, TeacherConfig
 
 DEFAULT_MODEL = "tripost-teacher"
+DEFAULT_MAX_BODY_BYTES: int = TeacherConfig.model_fields["max_body_bytes"].default
 
 
 # ------------------------------------------------------------------------ faults
@@ -143,15 +158,6 @@ def _truncate(text: str, max_tokens: int | None) -> tuple[str, bool]:
     return text[: words[max_tokens - 1].end()], True
 
 
-def _content_text(content) -> str:
-    """A message's text: a string or a list of content blocks."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(b.get("text", "") for b in content if isinstance(b, dict))
-    return ""
-
-
 class Answerer:
     """Answers FBK/IMP prompts with a task's scripted teachers (plain Python, no Serve)."""
 
@@ -186,6 +192,210 @@ class Answerer:
         return "imp", continuation(query.attempt, feedback, updated)
 
 
+# ---------------------------------------------------------------------- requests
+
+
+class RequestError(ValueError):
+    """A request the teacher refuses; ``status`` (400 or 413) and the message say why."""
+
+    def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+def _text(value: Any) -> str:
+    """A message's text: a string or a list of text blocks; anything else is refused."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(b, dict) and b.get("type") == "text"
+                                       and isinstance(b.get("text"), str) for b in value):
+        return "".join(b["text"] for b in value)
+    raise ValueError("must be a string or a list of {'type': 'text', 'text': ...} blocks")
+
+
+def _stops(value: Any) -> Any:
+    if isinstance(value, str):
+        return [value]
+    if value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return value
+    raise ValueError("must be a string or a list of strings")
+
+
+Text = Annotated[str, BeforeValidator(_text)]
+Stops = Annotated[Optional[list[str]], BeforeValidator(_stops)]
+Tokens = Annotated[Optional[int], Field(ge=1)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")  # e.g. an OpenAI message's "name"
+
+
+class OpenAIMessage(_Message):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text
+
+
+class AnthropicMessage(_Message):
+    role: Literal["user", "assistant"]
+    content: Text
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class OpenAIRequest(_Request):
+    """The fields of a chat completion this teacher understands (any other is refused)."""
+
+    model: str
+    messages: list[OpenAIMessage] = Field(min_length=1)
+    max_tokens: Tokens = None
+    max_completion_tokens: Tokens = None
+    stop: Stops = None
+    n: int = 1
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, ge=0, le=1)
+    seed: Optional[int] = None
+    user: Optional[str] = None
+
+
+class AnthropicRequest(_Request):
+    """The fields of a Messages request this teacher understands (any other is refused)."""
+
+    model: str
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    max_tokens: int = Field(ge=1)
+    system: Text = ""
+    stop_sequences: Stops = None
+    stream: bool = False
+    temperature: Optional[float] = Field(None, ge=0, le=1)
+    top_p: Optional[float] = Field(None, ge=0, le=1)
+    top_k: Optional[int] = Field(None, ge=1)
+    metadata: Optional[dict] = None
+
+
+def parse_request(api: str, raw: bytes, models: tuple[str, ...]) -> OpenAIRequest | AnthropicRequest:
+    """The validated request, or a :class:`RequestError` naming the first bad field."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RequestError(f"the body is not JSON ({err})") from None
+    if not isinstance(body, dict):
+        raise RequestError(f"the body must be a JSON object, got {type(body).__name__}")
+    try:
+        req = (OpenAIRequest if api == "openai" else AnthropicRequest).model_validate(body)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(x) for x in first["loc"]) or "body"
+        msg = first["msg"].removeprefix("Value error, ")
+        more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+        raise RequestError(f"{field}: {msg}{more}") from None
+    if req.model not in models:
+        raise RequestError(f"model {req.model!r} is not served here; this teacher serves: {', '.join(models)}")
+    if isinstance(req, OpenAIRequest) and req.n != 1:
+        raise RequestError(f"n={req.n}: this teacher returns exactly one choice per request (send n=1 or omit it)")
+    return req
+
+
+@dataclass
+class Completion:
+    """One answer, ready to be sent in either wire format (whole or streamed)."""
+
+    text: str
+    refused: bool
+    truncated: bool
+    prompt_tokens: int
+    completion_tokens: int
+    model: str
+    created: int
+
+
+_PIECE_RE = re.compile(r"\s*\S+\s*")
+REFUSAL = "I can't help with that."
+
+
+def _pieces(text: str) -> list[str]:
+    """A reply cut into word-sized deltas (what a streaming client reassembles)."""
+    return _PIECE_RE.findall(text) or ([text] if text else [])
+
+
+def _sse(data: dict | str, event: str | None = None) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data)
+    return (f"event: {event}\n" if event else "") + f"data: {payload}\n\n"
+
+
+def openai_body(c: Completion) -> dict:
+    message = {"role": "assistant", "content": None if c.refused else c.text,
+               "refusal": REFUSAL if c.refused else None}
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": c.created,
+        "model": c.model,
+        "choices": [{"index": 0, "message": message, "logprobs": None,
+                     "finish_reason": "length" if c.truncated else "stop"}],
+        "usage": _openai_usage(c),
+    }
+
+
+def _openai_usage(c: Completion) -> dict:
+    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+            "total_tokens": c.prompt_tokens + c.completion_tokens}
+
+
+def openai_events(c: Completion, include_usage: bool) -> Iterator[str]:
+    """``chat.completion.chunk`` server-sent events, ``[DONE]`` last (OpenAI streaming)."""
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk", "created": c.created,
+            "model": c.model}
+
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        return _sse({**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+
+    yield chunk({"role": "assistant", "content": ""})
+    if c.refused:
+        yield chunk({"refusal": REFUSAL})
+    for piece in [] if c.refused else _pieces(c.text):
+        yield chunk({"content": piece})
+    yield chunk({}, "length" if c.truncated else "stop")
+    if include_usage:
+        yield _sse({**head, "choices": [], "usage": _openai_usage(c)})
+    yield _sse("[DONE]")
+
+
+def anthropic_body(c: Completion) -> dict:
+    return {
+        "id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": c.model,
+        "content": [] if c.refused else [{"type": "text", "text": c.text}],
+        "stop_reason": _stop_reason(c), "stop_sequence": None,
+        "usage": {"input_tokens": c.prompt_tokens, "output_tokens": c.completion_tokens},
+    }
+
+
+def _stop_reason(c: Completion) -> str:
+    return "refusal" if c.refused else ("max_tokens" if c.truncated else "end_turn")
+
+
+def anthropic_events(c: Completion) -> Iterator[str]:
+    """Messages streaming events: message_start, one text block's deltas, message_delta, message_stop."""
+    start = {**anthropic_body(c), "content": [], "stop_reason": None,
+             "usage": {"input_tokens": c.prompt_tokens, "output_tokens": 0}}
+    yield _sse({"type": "message_start", "message": start}, "message_start")
+    if not c.refused:
+        yield _sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                   "content_block_start")
+        for piece in _pieces(c.text):
+            yield _sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}},
+                       "content_block_delta")
+        yield _sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
+    yield _sse({"type": "message_delta", "delta": {"stop_reason": _stop_reason(c), "stop_sequence": None},
+                "usage": {"output_tokens": c.completion_tokens}}, "message_delta")
+    yield _sse({"type": "message_stop"}, "message_stop")
+
+
 # ---------------------------------------------------------------------- the app
 
 app = FastAPI(title="tripost teacher")
@@ -198,13 +408,14 @@ class TeacherServer:
     """The Serve replica (one per teacher app, so its request log is complete)."""
 
     def __init__(self, task_name: str, task_options: dict, latency_s: float, faults: dict,
-                 key_sha256: str | None, model: str):
+                 key_sha256: str | None, models: list[str], max_body_bytes: int):
         self.answerer = Answerer(task_name, task_options)
         self.latency_s = latency_s
         self.faults = Faults.parse(faults)
         self.rng = random.Random(self.faults.seed)
         self.key_sha256 = key_sha256
-        self.model = model
+        self.models = tuple(models)
+        self.max_body_bytes = max_body_bytes
         self.reset()
 
     def reset(self) -> None:
@@ -235,29 +446,49 @@ class TeacherServer:
             body = {"error": {"message": message, "type": kind, "code": status}}
         return JSONResponse(body, status_code=status, headers=headers)
 
+    def _unauthorized(self, api: str) -> JSONResponse:
+        kind = "authentication_error" if api == "anthropic" else "invalid_api_key"
+        return self._error(api, 401, kind, "invalid or missing API key")
+
+    async def _body(self, request: Request) -> bytes:
+        """The request body, refused (413) past ``max_body_bytes`` without reading it all."""
+        limit = self.max_body_bytes
+        too_big = f"request body exceeds the teacher's limit of {limit} bytes (teacher.max_body_bytes)"
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestError(too_big, 413, "request_too_large")
+        raw = bytearray()
+        async for part in request.stream():
+            raw += part
+            if len(raw) > limit:
+                raise RequestError(too_big, 413, "request_too_large")
+        return bytes(raw)
+
     # ---------------------------------------------------------------- handling
 
-    async def _handle(self, api: str, request: Request) -> JSONResponse:
+    async def _handle(self, api: str, request: Request) -> Response:
         arrived = time.time()
         event = [arrived, api, "?", "none", 0]
         self.events.append(event)
         self.counts["api"][api] += 1
         if not self._authorized(request):
             self._log(event, 401)
-            kind = "authentication_error" if api == "anthropic" else "invalid_api_key"
-            return self._error(api, 401, kind, "invalid or missing API key")
+            return self._unauthorized(api)
         try:
-            body = await request.json()
-            messages = list(body.get("messages") or [])
-            system = _content_text(body.get("system") or "")
-            if api == "openai":
-                system = "\n".join(_content_text(m.get("content")) for m in messages if m.get("role") == "system")
-                messages = [m for m in messages if m.get("role") != "system"]
-            users = [m for m in messages if m.get("role") == "user"]
+            req = parse_request(api, await self._body(request), self.models)
+            if isinstance(req, OpenAIRequest):
+                system = "\n".join(m.content for m in req.messages if m.role in ("system", "developer"))
+                messages = [m for m in req.messages if m.role not in ("system", "developer")]
+            else:
+                system, messages = req.system, req.messages
+            users = [m for m in messages if m.role == "user"]
             if not users:
-                raise ValueError("no user message")
-            role, text = self.answerer.answer(_content_text(users[-1].get("content")))
-        except Exception as err:  # any bad request becomes a 400 with the reason, never a crash
+                raise RequestError("messages: no user message")
+            role, text = self.answerer.answer(users[-1].content)
+        except RequestError as err:
+            self._log(event, err.status)
+            return self._error(api, err.status, err.kind, str(err))
+        except ValueError as err:  # not a TriPosT prompt: the reason, never a crash
             self._log(event, 400)
             return self._error(api, 400, "invalid_request_error", f"bad request: {err}")
         event[2] = role
@@ -282,66 +513,60 @@ class TeacherServer:
             text = MALFORMED
         elif fault == "empty":
             text = ""
-        stops = body.get("stop") if api == "openai" else body.get("stop_sequences")
-        for stop in ([stops] if isinstance(stops, str) else stops or []):
+        stops = req.stop if isinstance(req, OpenAIRequest) else req.stop_sequences
+        for stop in stops or []:
             if stop and stop in text:
                 text = text[: text.index(stop)]
-        text, truncated = _truncate(text, body.get("max_tokens") or body.get("max_completion_tokens"))
-        prompt_tokens = count_tokens(system) + sum(count_tokens(_content_text(m.get("content"))) for m in messages)
-        completion_tokens = 0 if fault == "refuse" else count_tokens(text)
+        max_tokens = req.max_tokens or getattr(req, "max_completion_tokens", None)
+        text, truncated = _truncate(text, max_tokens)
+        refused = fault == "refuse"
+        completion = Completion(
+            text=text, refused=refused, truncated=truncated,
+            prompt_tokens=count_tokens(system) + sum(count_tokens(m.content) for m in messages),
+            completion_tokens=0 if refused else count_tokens(text), model=req.model, created=int(arrived),
+        )
         self._log(event, 200)
-        model = body.get("model") or self.model
-        if api == "anthropic":
-            refused = fault == "refuse"
-            return JSONResponse({
-                "id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": model,
-                "content": [] if refused else [{"type": "text", "text": text}],
-                "stop_reason": "refusal" if refused else ("max_tokens" if truncated else "end_turn"),
-                "stop_sequence": None,
-                "usage": {"input_tokens": prompt_tokens, "output_tokens": completion_tokens},
-            })
-        message = {"role": "assistant", "content": None if fault == "refuse" else text,
-                   "refusal": "I can't help with that." if fault == "refuse" else None}
-        return JSONResponse({
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(arrived),
-            "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": "length" if truncated else "stop"}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
-        })
+        if req.stream:
+            events = (anthropic_events(completion) if api == "anthropic" else
+                      openai_events(completion, bool(req.stream_options and req.stream_options.include_usage)))
+            return StreamingResponse(events, media_type="text/event-stream")
+        return JSONResponse(anthropic_body(completion) if api == "anthropic" else openai_body(completion))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> JSONResponse:
+    async def chat_completions(self, request: Request) -> Response:
         return await self._handle("openai", request)
 
     @app.post("/v1/messages")
-    async def messages(self, request: Request) -> JSONResponse:
+    async def messages(self, request: Request) -> Response:
         return await self._handle("anthropic", request)
 
     @app.get("/stats")
-    async def stats(self, events: int = 1) -> dict:
+    async def stats(self, request: Request, events: int = 1) -> Response:
+        if not self._authorized(request):
+            return self._unauthorized("openai")
         out = {"total": len(self.events), **{k: dict(v) for k, v in self.counts.items()},
                "faults": asdict(self.faults), "latency_s": self.latency_s}
         if events:
             out["events"] = [list(e) for e in self.events]
-        return out
+        return JSONResponse(out)
 
     @app.post("/stats/reset")
-    async def reset_stats(self) -> dict:
+    async def reset_stats(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return self._unauthorized("openai")
         self.reset()
-        return {"ok": True}
+        return JSONResponse({"ok": True})
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
-        return {"ok": True, "task": self.answerer.task.name}
+        return {"ok": True}
 
 
 # ------------------------------------------------------------------- lifecycle
 
 
-class TeacherError(RuntimeError):
-    """The teacher could not be started as asked."""
+class TeacherError(ConfigError):
+    """The teacher cannot be started as asked (one line for the CLI: it is a ConfigError)."""
 
 
 def _running_proxy() -> Optional[Tuple[str, int]]:
@@ -361,6 +586,46 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another process listens on, in one line.
+
+    Binding is the only reliable test: Ray Serve's proxy binds with ``SO_REUSEPORT``, so a
+    second cluster's proxy on the same port would *start* beside the first and the kernel
+    would spread requests over both; this probe binds without it and so fails then.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT leftover is no owner
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise TeacherError(f"{host}:{port} is already in use ({err.strerror}): another teacher, Ray Serve "
+                               "instance or program serves it; choose another port (--port / teacher.port)") from None
+
+
+def check_teacher_args(task_name: str, task_options: dict | None, host: str, api_key: str | None) -> None:
+    """What can be refused before Ray starts: an unknown task or option, an open host without a key."""
+    from tripost_ray.tasks import UnknownTaskError, get_task
+
+    try:
+        get_task(task_name, **(task_options or {}))
+    except (UnknownTaskError, ValueError, TypeError) as err:
+        raise TeacherError(err.args[0] if err.args else str(err)) from None
+    if not is_loopback(host) and not api_key:
+        raise TeacherError(f"host {host!r} is reachable from other machines: serving there needs a key "
+                           "(--api-key-env NAME, the variable holding it), or bind 127.0.0.1")
+
+
 def start_teacher(
     task_name: str,
     host: str = "127.0.0.1",
@@ -371,27 +636,34 @@ def start_teacher(
     route_prefix: str = "/",
     name: str = "teacher",
     *,
-    model: str = DEFAULT_MODEL,
+    models: Sequence[str] = (DEFAULT_MODEL,),
     task_options: dict | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> str:
     """Deploy a teacher app and return its root URL ``http://host:port<route_prefix>``.
 
-    OpenAI clients use ``<root>/v1`` as ``base_url``, Anthropic clients ``<root>``. Starts
-    Serve (binding ``host``; ``port`` or a free one) unless it is running, in which case
+    OpenAI clients use ``<root>/v1`` as ``base_url``, Anthropic clients ``<root>``
+    (for a host of ``0.0.0.0`` the root names 127.0.0.1, where this machine's clients
+    reach it). Starts Serve (binding ``host``; ``port`` or a free one, refused when any
+    process already listens there) unless it is running in this cluster, in which case
     its proxy is reused: asking for another explicit host/port is an error because the
     proxy is cluster-wide. Several teachers coexist under different ``name`` and
-    ``route_prefix``. Uses the running Ray (or starts a local one).
+    ``route_prefix``; a second app of the same name is refused. ``models``: the model
+    names it answers to (others get a 400). A non-loopback host needs ``api_key``.
+    Uses the running Ray (or starts a local one).
     """
     import ray
 
     if not route_prefix.startswith("/"):
         raise ConfigError(f"route_prefix must start with '/', got {route_prefix!r}")
     fault_cfg = Faults.parse(faults)
+    check_teacher_args(task_name, task_options, host, api_key)
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
     running = _running_proxy()
     if running is None:
         port = port or free_port(host)
+        check_port_free(host, port)
         serve.start(http_options={"host": host, "port": port})
     else:
         run_host, run_port = running
@@ -401,9 +673,12 @@ def start_teacher(
                 f"cannot serve on {host}:{port}. Leave port unset to reuse it, or serve.shutdown() first."
             )
         host, port = run_host, run_port
+        if name in serve.status().applications:
+            raise TeacherError(f"a Serve application named {name!r} already runs on this cluster "
+                               f"({run_host}:{run_port}); stop it (serve.delete({name!r})) or choose another name")
     key_sha = hashlib.sha256(api_key.encode()).hexdigest() if api_key else None
     deployment = TeacherServer.bind(task_name, dict(task_options or {}), float(latency_s), asdict(fault_cfg),
-                                    key_sha, model)
+                                    key_sha, list(models), int(max_body_bytes))
     serve.run(deployment, name=name, route_prefix=route_prefix, blocking=False)
     url_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     return f"http://{url_host}:{port}{route_prefix.rstrip('/')}"
@@ -418,8 +693,27 @@ def openai_base_url(root: str) -> str:
     return root.rstrip("/") + "/v1"
 
 
+def _stats_request(root: str, path: str, api_key: str | None, method: str) -> dict:
+    import urllib.request
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with urllib.request.urlopen(urllib.request.Request(root + path, method=method, headers=headers)) as r:
+        return json.load(r)
+
+
+def get_stats(root: str, api_key: str | None = None) -> dict:
+    """A teacher's ``GET /stats`` (its request log), with the key it checks."""
+    return _stats_request(root, "/stats", api_key, "GET")
+
+
+def reset_stats(root: str, api_key: str | None = None) -> None:
+    """A teacher's ``POST /stats/reset``, with the key it checks."""
+    _stats_request(root, "/stats/reset", api_key, "POST")
+
+
 def main_serve(args) -> int:
-    """``tripost serve teacher``: serve until Ctrl-C."""
+    """``tripost serve teacher``: serve until Ctrl-C. Everything that can be refused
+    (task, host without a key, a taken port) is refused in one line before Ray starts."""
     import ray
 
     api_key = None
@@ -428,14 +722,20 @@ def main_serve(args) -> int:
         if not api_key:
             raise ConfigError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
     faults = Faults.parse(args.faults)
+    check_teacher_args(args.task, None, args.host, api_key)
+    joining = bool(os.environ.get("RAY_ADDRESS"))
+    if not joining:  # a fresh local cluster has no Serve yet: whoever holds the port is someone else
+        check_port_free(args.host, args.port)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
     root = start_teacher(args.task, host=args.host, port=args.port, latency_s=args.latency_s, faults=faults,
-                         api_key=api_key)
-    print(f"teacher for {args.task} serving on {root}")
-    print(f"  OpenAI:    base_url={openai_base_url(root)}  (POST /v1/chat/completions)")
-    print(f"  Anthropic: base_url={root}  (POST /v1/messages)")
-    print(f"  stats:     GET {root}/stats ; Ctrl-C to stop", flush=True)
+                         api_key=api_key, max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+    where = "all interfaces" if args.host in ("0.0.0.0", "::") else "this address only"
+    print(f"teacher for {args.task} listening on {args.host}:{args.port} ({where}); "
+          f"key {'required' if api_key else 'not required'}")
+    print(f"  OpenAI:    base_url={openai_base_url(root)}  (POST /v1/chat/completions; from this machine)")
+    print(f"  Anthropic: base_url={root}  (POST /v1/messages; from this machine)")
+    print(f"  model:     {DEFAULT_MODEL} ; stats: GET {root}/stats ; Ctrl-C to stop", flush=True)
     try:
         while True:
             time.sleep(3600)
