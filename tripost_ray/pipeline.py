@@ -279,11 +279,16 @@ def token_counter(model: str):
 def run_job(cfg: JobConfig, *, force: bool = False) -> dict:
     """Run (or resume) a whole TriPosT job; returns the run summary."""
     from tripost_ray.report import summarize, write_report
+    from tripost_ray.metrics import metrics_endpoints
+    from tripost_ray.tracking import Tracker
 
     job = Job(cfg, force=force)
     storage.write_text_atomic(job.run.url("config.yaml"), cfg.to_yaml())
     started = time.time()
     init_ray(cfg.ray)
+    log.info("live metrics (Prometheus): %s", " ".join(metrics_endpoints()))
+    tracker = Tracker(cfg, job.run.root)
+    job.run.on_stage = tracker.on_stage
     teacher = _start_teacher_if_enabled(cfg)
     try:
         from tripost_ray.feedback.providers import check_credentials
@@ -312,11 +317,15 @@ def run_job(cfg: JobConfig, *, force: bool = False) -> dict:
             model, model_stage = job.run.manifests[trained]["model"], trained
             if cfg.eval.every_iteration or t == cfg.iterations:
                 job.evaluate(t, model, probs, model_stage)
+    except BaseException:
+        tracker.finish(None, status="FAILED")
+        raise
     finally:
         if teacher is not None:
             teacher()
     summary = summarize(job.run.root, wall_s=time.time() - started)
     write_report(job.run.root, summary)
+    tracker.finish(summary)
     return summary
 
 

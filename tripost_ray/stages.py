@@ -35,6 +35,8 @@ class Run:
     root: str
     force: bool = False
     manifests: dict[str, dict] = field(default_factory=dict)
+    #: Called with (name, manifest) when a stage finishes or is found finished (tracking).
+    on_stage: Callable[[str, dict], None] | None = None
 
     def url(self, *parts: str) -> str:
         return storage.join(self.root, *parts)
@@ -61,6 +63,7 @@ class Run:
                 log.info("stage %-28s done (skipped)", name)
                 manifest["skipped"] = True
                 self.manifests[name] = manifest
+                self._notify(name, manifest)
                 return manifest
             if not self.force:
                 raise StageConfigChanged(
@@ -83,7 +86,12 @@ class Run:
         manifest["skipped"] = False
         self.manifests[name] = manifest
         log.info("stage %-28s finished in %.1fs", name, manifest["wall_s"])
+        self._notify(name, manifest)
         return manifest
+
+    def _notify(self, name: str, manifest: dict) -> None:
+        if self.on_stage is not None:
+            self.on_stage(name, manifest)
 
 
 def _chain(own: str, upstream: list[str]) -> str:
