@@ -215,3 +215,13 @@ class Tracker:
                         f.write(base64.b64decode(png))
                     self.client.log_artifact(self.run_id, local, artifact_path="plots")
         self.client.set_terminated(self.run_id, status=status)
+
+
+def child_config(cfg: JobConfig, parent: Tracker, **tags: Any) -> JobConfig:
+    """An experiment's arm or seed, logged as a child run of ``parent`` in its backend
+    (tagged ``tripost.<key>``), so one MLflow experiment view compares them all."""
+    if not parent.active:
+        return cfg
+    extra = {"mlflow.parentRunId": parent.run_id, **{f"tripost.{k}": str(v) for k, v in tags.items()}}
+    return cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
+        update={"tracking_uri": parent.uri, "tags": {**cfg.tracking.tags, **extra}})})
