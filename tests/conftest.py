@@ -11,6 +11,8 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Serve's proxy must be ready within 5 s by default, which a busy 2-core box misses.
 os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+# Ray exports application metrics every 10 s by default; the metrics tests wait for them.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 
 
 #: Data kept outside the repository (too large, or not ours to ship): ``../shared/data``.

@@ -188,3 +188,12 @@ def test_to_yaml_round_trips_through_load(tmp_path):
     assert again == cfg
     assert again.section_hash() == cfg.section_hash()
     assert yaml.safe_load(text)["train"]["adam_betas"] == [0.9, 0.95]
+
+
+def test_quiet_turns_off_the_drivers_progress_bars_and_user_overrides_still_win(capsys):
+    from tripost_ray import cli
+
+    quickstart = str(Path(__file__).resolve().parents[1] / "jobs" / "quickstart.yaml")
+    assert cli.main(["run", quickstart, "--quiet", "--dry-run", "-o", "editing.progress=true"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out.split("# resolved config\n", 1)[1].split("\n#", 1)[0])
+    assert resolved["ray"]["data_progress_bars"] is False and resolved["editing"]["progress"] is True

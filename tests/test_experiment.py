@@ -72,5 +72,17 @@ def test_reduced_experiment_runs_both_arms_with_equal_tokens_and_resumes(ray_clu
 
     again = run_experiment(cfg)  # resumes: every stage is skipped, the aggregate is the same
     assert again["arms"]["tripost"]["table"] == result["arms"]["tripost"]["table"]
+
+    # one MLflow parent run for the experiment, a child run per arm and seed, none added by the rerun
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parent) == 1 and "experiment.json" in {a.path for a in client.list_artifacts(parent[0].info.run_id)}
+    children = {(r.data.tags["tripost.arm"], r.data.tags.get("tripost.seed")) for r in runs
+                if r.info.run_id != parent[0].info.run_id}
+    assert children == {("sft", None), ("tripost", "0"), ("tripost", "1"), ("gold_sft", "0"), ("gold_sft", "1")}
+    assert len(runs) == 6 and {r.data.tags.get("mlflow.parentRunId") for r in runs} == {None, parent[0].info.run_id}
     manifests = storage.read_json(str(root / "gold_sft-seed0" / "iter_1" / "train" / "_MANIFEST.json"))
     assert manifests["target_tokens"] == result["arms"]["tripost"]["per_seed"][0][1]["train_tokens"]

@@ -105,11 +105,38 @@ def test_reduced_quickstart_end_to_end_then_resumes_without_work(sft_model_dir, 
         assert (run / name).stat().st_size > 0
     assert "Accuracy per iteration" in (run / "report.html").read_text()
 
+    tracked = _mlflow_run(run)  # the embedded MLflow backend inside the run folder
+    assert tracked["run"].info.status == "FINISHED"
+    assert tracked["run"].data.params["run_name"] == "e2e" and tracked["run"].data.params["task.n_train"] == "40"
+    assert tracked["run"].data.tags["tripost.model"] == str(run / "iter_2/train/model")
+    accuracy = sorted((m.step, m.value) for m in tracked["accuracy"])
+    assert accuracy == [(t, iterations[t]["metrics"]["accuracy"]["total"]) for t in (0, 1, 2)]
+    steps = json.loads((run / "iter_1/train/_MANIFEST.json").read_text())["train"]["steps"]
+    assert sorted(m.step for m in tracked["loss"]) == list(range(1, steps + 1))
+    assert {"report.md", "report.html", "report.json", "plots"} <= tracked["artifacts"]
+
     # a second invocation finds every stage complete: nothing recomputed, nothing paid
     manifests = {p: p.read_text() for p in run.rglob("_MANIFEST.json")}
     again = run_job(load_config(QUICKSTART, _overrides(sft_model_dir, tmp_path, "e2e", port)))
     assert {p: p.read_text() for p in run.rglob("_MANIFEST.json")} == manifests
     assert [it["metrics"] for it in again["iterations"]] == [it["metrics"] for it in summary["iterations"]]
+    # ... and continues the same MLflow run, logging nothing twice
+    resumed = _mlflow_run(run)
+    assert resumed["run"].info.run_id == tracked["run"].info.run_id and resumed["run"].info.status == "FINISHED"
+    assert sorted((m.step, m.value) for m in resumed["accuracy"]) == accuracy and len(resumed["loss"]) == steps
+
+
+def _mlflow_run(run: Path) -> dict:
+    """The only MLflow run of a run folder, read with MLflow's own client."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    run_id = runs[0].info.run_id
+    return {"run": runs[0], "accuracy": client.get_metric_history(run_id, "eval/metrics.accuracy.total"),
+            "loss": client.get_metric_history(run_id, "iter_1/train/step/loss"),
+            "artifacts": {a.path for a in client.list_artifacts(run_id)}}
 
 
 def _weights(model_dir: Path) -> dict:
@@ -183,8 +210,13 @@ def test_driver_killed_during_editing_resumes_without_repeating_llm_calls(sft_mo
             logs / "resumed.log")
     editing = json.loads((run / "iter_1/pass_0/editing/_MANIFEST.json").read_text())["summary"]
 
-    _finish(_driver(_overrides(sft_model_dir, tmp_path, "reference", port, **slow), address, logs / "reference.log"),
-            logs / "reference.log")
+    # the reference run also shows that an unreachable tracking server costs a warning, not the job
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    reference = _overrides(sft_model_dir, tmp_path, "reference", port, **slow, **{"tracking.tracking_uri": dead})
+    _finish(_driver(reference, address, logs / "reference.log"), logs / "reference.log")
+    assert "MLflow tracking (start) failed, the run goes on without it" in (logs / "reference.log").read_text()
     full = json.loads((tmp_path / "reference/iter_1/pass_0/editing/_MANIFEST.json").read_text())["summary"]
 
     # the re-run paid only for what the killed run had not: cached calls were free

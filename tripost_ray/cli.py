@@ -21,6 +21,10 @@ HANDLERS = {
 }
 
 
+#: What ``--quiet`` turns off: the driver's progress bars (CI logs keep one line per stage).
+QUIET_OVERRIDES = ("ray.data_progress_bars=false", "editing.progress=false")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tripost", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,12 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dotted override, e.g. -o train.epochs=2 (repeatable)")
     run.add_argument("--dry-run", action="store_true", help="print config, resource plan and cost estimate; run nothing")
     run.add_argument("--force", action="store_true", help="recompute finished stages whose config changed")
+    run.add_argument("--quiet", action="store_true", help="no progress bars (CI logs): " + " ".join(QUIET_OVERRIDES))
 
     exp = sub.add_parser("experiment", help="TriPosT against an equal-token gold-SFT baseline, over seeds")
     exp.add_argument("config", help="job YAML with an experiment section (see jobs/reproduce_cpu.yaml)")
     exp.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                      help="dotted override, e.g. -o experiment.seeds=[0] (repeatable)")
     exp.add_argument("--force", action="store_true", help="recompute finished stages whose config changed")
+    exp.add_argument("--quiet", action="store_true", help="no progress bars (CI logs): " + " ".join(QUIET_OVERRIDES))
 
     ev = sub.add_parser("eval", help="evaluate a model with self-improving inference")
     ev.add_argument("--model", required=True, help="model path, fsspec URL or hub name")
@@ -73,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):  # before the user's overrides, which still win
+        args.override = [*QUIET_OVERRIDES, *args.override]
     module, func = HANDLERS[args.command].split(":")
     try:
         handler = getattr(importlib.import_module(module), func)

@@ -348,6 +348,23 @@ class RayConfig(Section):
     )
 
 
+class TrackingConfig(Section):
+    """Experiment tracking with MLflow (:mod:`tripost_ray.tracking`). Purely observational:
+    no stage hashes this section, so changing it never invalidates a finished stage. (Live
+    metrics need no settings: :mod:`tripost_ray.metrics` always exports through Ray.)"""
+
+    mlflow: bool = Field(True, description="Log the run to MLflow (params, per-stage and per-step metrics, artifacts).")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (http://..., databricks, sqlite:///...). None: an embedded SQLite "
+        "backend inside a local run folder (<run>/mlflow.db, artifacts in <run>/mlartifacts; `mlflow ui` opens it).")
+    experiment: str = Field("tripost", min_length=1, description="MLflow experiment the run is logged under.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Extra tags on the MLflow run (team, ticket, ...).")
+    http_timeout_s: int = Field(10, ge=1, description="Timeout of one request to a remote tracking server.")
+    http_retries: int = Field(
+        1, ge=0, description="Retries of a failed request to a remote tracking server; after that a warning and the "
+        "run goes on without tracking.")
+
+
 # ---------------------------------------------------------------------------- job
 
 
@@ -379,6 +396,7 @@ class JobConfig(Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("task")
     @classmethod

@@ -33,6 +33,7 @@ from tripost_ray.preflight import check_job
 from tripost_ray.ray_setup import init_ray
 from tripost_ray.runlock import run_lock
 from tripost_ray.report import summarize, write_report
+from tripost_ray.tracking import Tracker, child_config
 from tripost_ray.stages import MANIFEST
 
 log = logging.getLogger("tripost")
@@ -106,6 +107,8 @@ def _gold_baseline_stages(job: Job, token_targets: list[int]) -> dict:
     storage.write_text_atomic(job.run.url("config.yaml"), cfg.to_yaml())
     started = time.time()
     init_ray(cfg.ray)
+    tracker = Tracker(cfg, job.run.root)
+    job.run.on_stage = tracker.on_stage
     probs = job.problems()
     model = job.initial_model(probs)
     model_stage = "model_init"
@@ -123,6 +126,7 @@ def _gold_baseline_stages(job: Job, token_targets: list[int]) -> dict:
         job.evaluate(t, model, probs, model_stage)
     summary = summarize(job.run.root, wall_s=time.time() - started)
     write_report(job.run.root, summary)
+    tracker.finish(summary)
     return summary
 
 
@@ -141,23 +145,26 @@ def _experiment_runs(cfg: JobConfig, root: str, *, force: bool) -> dict:
     storage.write_text_atomic(storage.join(root, "config.yaml"), cfg.to_yaml())
     started = time.time()
     init_ray(cfg.ray)
+    tracker = Tracker(cfg, root)  # the parent MLflow run; every arm and seed is a child run
     log.info("experiment %s: shared SFT model", root)
-    sft = run_job(sft_config(cfg), force=force)
+    sft = run_job(child_config(sft_config(cfg), tracker, arm="sft"), force=force)
     model_stage = "sft" if cfg.sft.epochs > 0 else "model_init"
     sft_model = storage.read_json(storage.join(root, "sft", model_stage, MANIFEST))["model"]
     summaries: dict[str, dict[int, dict]] = {arm: {} for arm in ARMS}
     for seed in cfg.experiment.seeds:
         log.info("experiment: TriPosT, seed %d", seed)
-        summaries["tripost"][seed] = run_job(arm_config(cfg, "tripost", seed, sft_model), force=force)
+        summaries["tripost"][seed] = run_job(child_config(arm_config(cfg, "tripost", seed, sft_model), tracker,
+                                                          arm="tripost", seed=seed), force=force)
         if cfg.experiment.baseline:
             targets = [int(it["train"]["tokens_trained"]) for it in summaries["tripost"][seed]["iterations"]
                        if it.get("train")]
             log.info("experiment: gold-SFT baseline, seed %d, token targets %s", seed, targets)
-            summaries["gold_sft"][seed] = run_gold_baseline(arm_config(cfg, "gold_sft", seed, sft_model), targets,
-                                                            force=force)
+            arm = child_config(arm_config(cfg, "gold_sft", seed, sft_model), tracker, arm="gold_sft", seed=seed)
+            summaries["gold_sft"][seed] = run_gold_baseline(arm, targets, force=force)
     result = aggregate(sft, summaries, cfg)
     result["wall_s_this_invocation"] = round(time.time() - started, 1)
     write_experiment(root, result)
+    tracker.finish(None)  # experiment.{json,md} and accuracy.png as the parent run's artifacts
     return result
 
 

@@ -287,14 +287,18 @@ def run_job(cfg: JobConfig, *, force: bool = False) -> dict:
     """
     from tripost_ray.preflight import check_job
     from tripost_ray.report import summarize, write_report
+    from tripost_ray.metrics import metrics_endpoints
     from tripost_ray.runlock import run_lock
+    from tripost_ray.tracking import Tracker
 
     check_job(cfg)
     job = Job(cfg, force=force)
     with run_lock(job.run.root, cfg.storage):
         started = time.time()
         init_ray(cfg.ray)
+        log.info("live metrics (Prometheus): %s", " ".join(metrics_endpoints()))
         teacher = _start_teacher_if_enabled(cfg)
+        tracker = None
         try:
             from tripost_ray.feedback.providers import check_credentials
 
@@ -305,13 +309,21 @@ def run_job(cfg: JobConfig, *, force: bool = False) -> dict:
                 _run_stages(check)
             except StageNotRun:
                 pass
+            # from here on the run writes: a refused run (above) leaves its folder untouched
             storage.write_text_atomic(job.run.url("config.yaml"), cfg.to_yaml())
+            tracker = Tracker(cfg, job.run.root)
+            job.run.on_stage = tracker.on_stage
             _run_stages(job)
+        except BaseException:
+            if tracker is not None:
+                tracker.finish(None, status="FAILED")
+            raise
         finally:
             if teacher is not None:
                 teacher()
         summary = summarize(job.run.root, wall_s=time.time() - started)
         write_report(job.run.root, summary)
+        tracker.finish(summary)
     return summary
 
 

@@ -144,7 +144,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join(parts)
 
 
-def _plots_png(summary: dict) -> tuple[str, str]:
+def plots_png(summary: dict) -> tuple[str, str]:
     """Base64 PNGs: accuracy per iteration, time per stage."""
     import matplotlib
 
@@ -183,7 +183,7 @@ def write_report(root: str, summary: dict) -> None:
     storage.write_json(storage.join(root, "report.json"), summary)
     md = "# TriPosT run report\n" + format_summary(summary) + "\n"
     storage.write_text_atomic(storage.join(root, "report.md"), md)
-    acc_png, time_png = _plots_png(summary)
+    acc_png, time_png = plots_png(summary)
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>TriPosT run report</title>"
         "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}pre{background:#f4f4f4;padding:1em}</style>"

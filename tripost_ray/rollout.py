@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from tripost_ray import storage
 from tripost_ray.config import ModelConfig, RolloutConfig
+from tripost_ray.metrics import record_rollout_batch
 from tripost_ray.tasks.base import Problem
 
 ROLLOUT_SCHEMA = pa.schema([
@@ -158,6 +159,7 @@ class GeneratorActor:
                 "node_id": self.node_id, "actor_id": self.actor_id,
                 "batch_started_at": started, "batch_finished_at": finished,
             })
+        record_rollout_batch(rows, self.kw["self_improve"])
         return pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA)
 
 

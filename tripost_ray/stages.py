@@ -51,6 +51,8 @@ class Run:
     #: one, so a run that will be refused is refused before it writes anything.
     check_only: bool = False
     manifests: dict[str, dict] = field(default_factory=dict)
+    #: Called with (name, manifest) when a stage finishes or is found finished (tracking).
+    on_stage: Callable[[str, dict], None] | None = None
 
     def url(self, *parts: str) -> str:
         return storage.join(self.root, *parts)
@@ -74,6 +76,7 @@ class Run:
         if storage.exists(manifest_url):
             problem = self._check_done(name, stage_url, manifest_url, chained)
             if problem is None:
+                self._notify(name, self.manifests[name])
                 return self.manifests[name]
             if not self.force:
                 raise problem
@@ -98,6 +101,7 @@ class Run:
         manifest["skipped"] = False
         self.manifests[name] = manifest
         log.info("stage %-28s finished in %.1fs", name, manifest["wall_s"])
+        self._notify(name, manifest)
         return manifest
 
     def _check_done(self, name: str, stage_url: str, manifest_url: str, chained: str) -> Exception | None:
@@ -123,6 +127,10 @@ class Run:
         manifest["skipped"] = True
         self.manifests[name] = manifest
         return None
+
+    def _notify(self, name: str, manifest: dict) -> None:
+        if self.on_stage is not None:
+            self.on_stage(name, manifest)
 
 
 def _chain(own: str, upstream: list[str]) -> str:

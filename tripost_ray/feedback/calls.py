@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import Counter
 from typing import Any, Callable
 
 from tripost_ray.config import Price, ProviderConfig
@@ -38,6 +39,7 @@ from tripost_ray.feedback import prompts
 from tripost_ray.feedback.cache import CachedReply, ResponseCache, cache_key
 from tripost_ray.feedback.costs import cost_usd, reservation
 from tripost_ray.feedback.providers import Prompt, ProviderError, make_provider
+from tripost_ray.metrics import InFlight
 from tripost_ray.outcomes import CallOutcome
 from tripost_ray.tasks.base import Problem, Task
 from tripost_ray.trajectory import Feedback
@@ -72,6 +74,7 @@ class LLMTeacher:
         self.limiter, self.budget, self.cache = limiter, budget, cache
         self.provider = provider if provider is not None else make_provider(cfg, api_key)
         self.rng = random.Random(seed)
+        self.in_flight = InFlight(cfg.provider, cfg.model)
 
     # ------------------------------------------------------------ the two roles
 
@@ -95,10 +98,14 @@ class LLMTeacher:
     async def call(self, prompt: Prompt, parse: Callable[[str], Any]) -> CallOutcome:
         cfg, start = self.cfg, time.monotonic()
         acc = {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "attempts": 0}
+        # for the live metrics (tripost_ray.metrics): what the outcome's sums cannot tell
+        waited, request_errors = 0.0, Counter()
 
         def outcome(status: str, value: Any = None, detail: str = "", raw: str | None = None, **extra) -> CallOutcome:
             if status != "ok" and raw is not None:
                 raw = raw[:RAW_LIMIT]
+            if acc["attempts"]:
+                extra.update(limiter_wait_s=waited, request_errors=dict(request_errors))
             return CallOutcome(
                 status=status, value=value, detail=detail, raw=raw, role=prompt.role, provider=cfg.provider,
                 model=cfg.model, latency_s=time.monotonic() - start, extra=extra, **acc,
@@ -121,17 +128,21 @@ class LLMTeacher:
         while True:
             if self.budget is not None and not await self.budget.reserve.remote(est_usd):
                 return outcome("over_budget", detail=f"the run's budget cannot cover a call reserving ${est_usd:.6f}")
+            asked = time.monotonic()
             lease = await self.limiter.acquire.remote(est_tokens) if self.limiter is not None else None
+            waited += time.monotonic() - asked
             acc["attempts"] += 1
             used, retry_after, charged = 0, None, 0.0
             try:
-                reply = await self.provider.complete(prompt)
+                with self.in_flight:
+                    reply = await self.provider.complete(prompt)
                 acc["input_tokens"] += reply.input_tokens
                 acc["output_tokens"] += reply.output_tokens
                 used = reply.input_tokens + reply.output_tokens
                 charged = cost_usd(self.price, reply.input_tokens, reply.output_tokens)
                 acc["cost_usd"] += charged
             except ProviderError as err:
+                request_errors[err.kind] += 1
                 retry_after = err.retry_after_s if err.kind == "rate_limited" else None
                 await self._settle(lease, 0, retry_after, est_usd, 0.0)
                 if not err.retryable or api_failures >= cfg.max_retries:

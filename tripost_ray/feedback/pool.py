@@ -34,7 +34,7 @@ import json
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
@@ -43,6 +43,7 @@ from tripost_ray.config import JobConfig, ProviderConfig
 from tripost_ray.feedback.costs import price_for, require_price
 from tripost_ray.feedback.keys import fetch_keys, start_key_holder
 from tripost_ray.feedback.providers import check_credentials, key_env
+from tripost_ray.metrics import EditingMetrics
 from tripost_ray.trajectory import Trajectory
 
 REQUIRED_COLUMNS = ("problem_id", "question", "target", "output")
@@ -318,7 +319,8 @@ def run_editing(
     ]
     results: list[dict] = []
     try:
-        results = _dispatch(actors, rows, editing.concurrency_per_actor, editing.progress)
+        results = _dispatch(actors, rows, editing.concurrency_per_actor, editing.progress,
+                            EditingMetrics(job.run_name, max_usd if llm_sections else None).record)
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -336,8 +338,10 @@ def run_editing(
     return summary
 
 
-def _dispatch(actors: list, rows: list[dict], concurrency: int, progress: bool) -> list[dict]:
-    """Keep each actor ``concurrency`` (+ a small queue) rows busy; collect results with a bar."""
+def _dispatch(actors: list, rows: list[dict], concurrency: int, progress: bool,
+              on_result: Callable[[dict], None]) -> list[dict]:
+    """Keep each actor ``concurrency`` (+ a small queue) rows busy; collect results with a
+    bar, handing each to ``on_result`` (the live metrics) as it arrives."""
     from tqdm.auto import tqdm
 
     cap = concurrency + max(2, concurrency // 4)
@@ -363,6 +367,7 @@ def _dispatch(actors: list, rows: list[dict], concurrency: int, progress: bool) 
                 load[owner.pop(ref)] -= 1
                 result = ray.get(ref)
                 results.append(result)
+                on_result(result)
                 failed += result["trajectory"] is None
                 bar.update(1)
                 bar.set_postfix(kept=len(results) - failed, discarded=failed, refresh=False)

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tripost_ray.config import TrainConfig
+from tripost_ray.metrics import record_training_step
 from tripost_ray.training.dataset import (
     REQUIRED_COLUMNS,
     BatchGeometry,
@@ -241,6 +242,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
             if rank == 0 and logged:
                 log.info("step %d/%d loss %.4f lr %.3g tokens/s %.0f", done, total, metrics["loss"], lr_now,
                          history[-1]["tokens_per_s"])
+                record_training_step(config["run_name"], done, metrics["loss"], history[-1]["tokens_per_s"])
             if done == total or periodic:
                 state = {"step": done, "tag": f"step_{done}", "history": history, "tokens_trained": tokens_done,
                          "fingerprint": fingerprint, "total_steps": total}
