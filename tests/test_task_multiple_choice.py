@@ -4,7 +4,6 @@ BIG-Bench-Hard test files."""
 
 from __future__ import annotations
 
-import itertools
 import os
 import random
 import re

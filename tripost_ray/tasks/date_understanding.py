@@ -25,9 +25,13 @@ own: ``(1) Today = Christmas Eve of 1937 = 12/24/1937.``
 
 Difficulty is the number of date steps (every step but the option match): seen 1-2,
 unseen 3 or more (the paper's split). BIG-Bench's published questions are read by the
-same parser: its chain rules cover the relative statements they use ("Yesterday was",
-"N days have passed since then", "their 5-year anniversary today", ...), so each loaded
-question gets its own rationale and its difficulty.
+same parser: its context rules cover the statements they use ("Yesterday was", "N days
+have passed since then", "their golden wedding anniversary", ...), so a loaded question
+gets its own rationale and its difficulty. Where no rule reads the context, or the
+published target disagrees with the calendar (a few do, e.g. a "5-year anniversary" of
+1958 answered in 1961), the rationale takes today's date from the target in one step:
+``(1) Today = the date the question describes = 01/02/1961.`` (20 of the 250 published
+questions; the problem's ``meta["today"]`` records it).
 
 The verifier is strict (a step is right when it is the gold step) and explains the
 earliest wrong step: a date that is off by a number of days, a date that does not exist,
@@ -151,10 +155,6 @@ class Question:
 Rule = Callable[[re.Match], list[Calc]]
 
 
-def _today_given(m: re.Match) -> list[Calc]:
-    return []  # today is stated; the chain starts from it
-
-
 def _offset_rule(ref: str, amount: int, unit: str = "day") -> Rule:
     return lambda m: [calc("today", ref, _parse_date(m.group("d")), amount, unit)]
 
@@ -165,7 +165,7 @@ def _n(word: str) -> int:
 
 
 #: BIG-Bench's ways of saying what today is: (pattern on the context, the steps it yields).
-#: A rule that states today's date directly yields no step; ``_today`` reads it.
+#: A context that states today's date directly ("Today is ...") needs no rule: ``_TODAY_RE`` reads it.
 CONTEXT_RULES: tuple[tuple[re.Pattern, Rule], ...] = tuple((re.compile(p), r) for p, r in (
     (rf"^The day before yesterday was (?P<d>{_D})\.", _offset_rule("the day before yesterday", 2)),
     (rf"^Yesterday(?: was|,) (?P<d>{_D})[.,]", _offset_rule("yesterday", 1)),

@@ -567,7 +567,7 @@ class LogicalDeductionTask(Task):
 # ------------------------------------------------------------------ diagnosis
 
 _APPLY_RE = re.compile(r'^Apply "(?P<c>[^"]*)" Now: (?P<state>.*)\.$')
-_ENTRY_RE = re.compile(r"(?P<name>[^,]+?) (?P<dom>\d+(?: to \d+)?(?: or \d+(?: to \d+)?)*)(?:, |$)")
+_DOMAIN_RE = re.compile(r"\d+(?: to \d+)?(?: or \d+(?: to \d+)?)*")
 
 
 def _diagnose(step: Step, gold: _GoldStep, all_gold: Sequence[_GoldStep], p: Puzzle) -> tuple[str, str]:
@@ -616,26 +616,39 @@ def _diagnose(step: Step, gold: _GoldStep, all_gold: Sequence[_GoldStep], p: Puz
 
 
 def _diagnose_state(state: str, gold: _GoldStep, all_gold: Sequence[_GoldStep], p: Puzzle) -> tuple[str, str]:
-    """The first object whose places differ from the gold arrangement, and why."""
-    got: dict[str, set[int]] = {}
-    for m in _ENTRY_RE.finditer(state):
-        got[m.group("name").strip()] = parse_domain(m.group("dom"))
+    """The first entry of the arrangement that differs from the gold one, and why."""
     n = p.n
     idx = {nm: i for i, nm in enumerate(p.names)}
+    got: dict[str, tuple[str, set[int]]] = {}
+    for chunk in state.split(", "):
+        name = next((nm for nm in sorted(p.names, key=len, reverse=True) if chunk.startswith(nm + " ")), None)
+        m = _DOMAIN_RE.fullmatch(chunk[len(name) + 1 :]) if name else None
+        if name is None:
+            return chunk, f"the arrangement lists objects of the question, each with its places; {chunk!r} is not one"
+        if m is None:
+            return chunk, f"the places of {_ref(p.scene, name)} are numbers from 1 to {n}, like \"2 or 3\" or \"1 to 4\""
+        values = parse_domain(m.group(0))
+        if not values <= set(range(1, n + 1)):
+            return chunk, f"the places go from 1 to {n}"
+        if name in got:
+            return chunk, f"{_ref(p.scene, name)} is listed twice"
+        got[name] = (chunk, values)
     k = next(i for i, s in enumerate(all_gold) if s is gold)
-    prev = next((s.domains for s in reversed(all_gold[:k]) if s.kind == "apply"), tuple(frozenset(range(1, n + 1)) for _ in p.names))
+    prev = next((s.domains for s in reversed(all_gold[:k]) if s.kind == "apply"),
+                tuple(frozenset(range(1, n + 1)) for _ in p.names))
+    c = gold.constraint
     for nm in p.names:
         want = set(gold.domains[idx[nm]])
-        have = got.get(nm, set(range(1, n + 1)))
+        seg, have = got.get(nm, ("", set(range(1, n + 1))))
         if have == want:
             continue
-        seg = next((m.group(0).rstrip(", ") for m in _ENTRY_RE.finditer(state) if m.group("name").strip() == nm), state)
+        if not seg:
+            return state.split(", ")[0], f"{_ref(p.scene, nm)} is missing: it can only be at {render_domain(want)}"
         extra = sorted(have - want)
         if extra:
             v = extra[0]
             if v not in prev[idx[nm]]:
                 return seg, f"an earlier step already ruled out place {v} for {_ref(p.scene, nm)}"
-            c = gold.constraint
             if c.b is None and c.a == nm:
                 return seg, f'"{c.text}" puts {_ref(p.scene, nm)} at place {c.place}, so place {v} violates it'
             if c.b is not None and nm in (c.a, c.b):
@@ -644,12 +657,8 @@ def _diagnose_state(state: str, gold: _GoldStep, all_gold: Sequence[_GoldStep], 
             if taker:
                 return seg, f"place {v} is taken by {_ref(p.scene, taker)}"
             return seg, f"place {v} is no longer possible for {_ref(p.scene, nm)}"
-        missing = sorted(want - have)
-        v = missing[0]
-        return seg, f'nothing rules out place {v} for {_ref(p.scene, nm)} yet: "{gold.constraint.text}" allows it'
-    extra_names = [nm for nm in got if nm not in idx]
-    if extra_names:
-        return extra_names[0], f"{extra_names[0]} is not one of the objects"
+        v = sorted(want - have)[0]
+        return seg, f'nothing rules out place {v} for {_ref(p.scene, nm)} yet: "{c.text}" allows it'
     return "", ""
 
 
