@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 from tripost_ray.trajectory import FINAL_LABEL, Feedback, Step, parse_attempt
 
+
 def verify_steps(gold: Sequence, steps: Sequence[Step], diagnose: Callable[[Step, object], tuple[str, str]]) -> Feedback:
     """The strict step-by-step comparison both multiple-choice tasks use: the earliest step
     that is not the gold step, explained by ``diagnose(step, gold_step) -> (segment, reason)``."""
