@@ -95,7 +95,7 @@ def _error(overrides: list[str], data: dict | None = None) -> str:
         ("task.n_train=0", "task.n_train", "greater than or equal to 1"),
         ("rollout.batch_size=many", "rollout.batch_size", "valid integer"),
         ("run_name=has space", "run_name", "pattern"),
-        ("task.name=chess", "task", "allowed: ['multistep_arithmetic', 'word_sorting']"),
+        ("task.name=chess", "task", "allowed: ['date_understanding', 'logical_deduction', 'multistep_arithmetic', 'word_sorting']"),
         ("rollout.min_actors=3", "rollout", "min_actors (3) must be <= max_actors (1)"),
         ("model.tiny.num_heads=3", "model.tiny", "hidden_size (128) must be divisible by num_heads (3)"),
     ],

@@ -28,6 +28,9 @@ KEY_ENV = "TRIPOST_TEST_TEACHER_KEY"
 KEY = "test-key-for-the-local-teacher"
 ARITH = "multistep_arithmetic"
 WORDS = "word_sorting"
+DATE = "date_understanding"
+LOGIC = "logical_deduction"
+ROOT_OF = {ARITH: "arith", WORDS: "words", DATE: "date", LOGIC: "logic"}
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +42,8 @@ def teachers(ray_cluster):
     roots = {
         "arith": start_teacher(ARITH, name="pool-arith", route_prefix="/pool-arith", api_key=KEY),
         "words": start_teacher(WORDS, name="pool-words", route_prefix="/pool-words", api_key=KEY),
+        "date": start_teacher(DATE, name="pool-date", route_prefix="/pool-date", api_key=KEY),
+        "logic": start_teacher(LOGIC, name="pool-logic", route_prefix="/pool-logic", api_key=KEY),
         "faulty": start_teacher(
             ARITH, name="pool-faulty", route_prefix="/pool-faulty", api_key=KEY,
             faults="429=0.22,500=0.05,malformed=0.05,hang=0.04,hang_s=2.5,retry_after=0.05,seed=19",
@@ -86,7 +91,7 @@ def trajectories(out: str) -> list[dict]:
 def scripted_reference(ray_cluster, tmp_path_factory):
     """The in-process scripted path over the same rows (the truth the wire paths must match)."""
     out = {}
-    for task_name, n in ((ARITH, 16), (WORDS, 8)):
+    for task_name, n in ((ARITH, 16), (WORDS, 8), (DATE, 8), (LOGIC, 8)):
         rows = corrupted_rollouts(get_task(task_name), n, seed=11)
         path = str(tmp_path_factory.mktemp("scripted") / task_name)
         summary = run_editing(rows, task_name, job({"provider": "scripted"}, {"provider": "scripted"}), path,
@@ -100,12 +105,14 @@ def scripted_reference(ray_cluster, tmp_path_factory):
     (ARITH, "openai", "anthropic"),
     (ARITH, "anthropic", "openai"),
     (WORDS, "openai", "anthropic"),
+    (DATE, "openai", "anthropic"),
+    (LOGIC, "anthropic", "openai"),
 ])
 def test_wire_formats_give_the_scripted_trajectories_and_a_rerun_is_free(
     teachers, scripted_reference, tmp_path, task_name, fbk_kind, imp_kind
 ):
     rows, expected, scripted = scripted_reference[task_name]
-    root = teachers["arith" if task_name == ARITH else "words"]
+    root = teachers[ROOT_OF[task_name]]
     cfg = job(provider(fbk_kind, root), provider(imp_kind, root), num_actors=1)
     before = requests_made(root)
     first = run_editing(rows, task_name, cfg, str(tmp_path / "a"), cache_uri=str(tmp_path / "cache"))

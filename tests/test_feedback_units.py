@@ -20,7 +20,7 @@ from tripost_ray.serve.teacher import Answerer, Faults, count_tokens
 from tripost_ray.tasks import get_task
 from tripost_ray.trajectory import Feedback
 
-TASKS = ["multistep_arithmetic", "word_sorting"]
+TASKS = ["multistep_arithmetic", "word_sorting", "date_understanding", "logical_deduction"]
 
 
 class Clock:

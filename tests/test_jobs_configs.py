@@ -20,7 +20,9 @@ REPRODUCTION = [p for p in JOB_FILES if p.name.startswith("reproduce_llama7b")] 
 
 def test_jobs_folder_holds_the_reproduction_configs():
     names = {p.name for p in JOB_FILES}
-    assert {"reproduce_llama7b_gpu.yaml", "reproduce_llama7b_anthropic.yaml"} <= names, names
+    assert {"reproduce_llama7b_gpu.yaml", "reproduce_llama7b_anthropic.yaml", "reproduce_llama7b_date_understanding.yaml",
+            "reproduce_llama7b_logical_deduction.yaml", "quickstart_date_understanding.yaml",
+            "quickstart_logical_deduction.yaml"} <= names, names
 
 
 @pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
@@ -57,8 +59,11 @@ def test_reproduction_config_is_labelled_and_sized_for_8_gpus(path: Path):
     assert cfg.editing.max_improve_rounds == 5 and cfg.rollout.max_passes == 5
     assert cfg.rollout.num_gpus_per_actor == 1 and cfg.rollout.max_actors == 8
     assert cfg.model.source != "tiny" and cfg.model.dtype == "bfloat16"
-    # The paper: script FBK for these tasks, LLM IMP.
-    assert cfg.feedback.provider == "scripted"
+    # The paper: script FBK for arithmetic and word sorting, LLM FBK for the other two; LLM IMP.
+    if cfg.task.name in ("date_understanding", "logical_deduction"):
+        assert cfg.feedback.provider in ("openai", "anthropic") and cfg.feedback.api_key_env == cfg.improve.api_key_env
+    else:
+        assert cfg.feedback.provider == "scripted"
     assert cfg.improve.provider in ("openai", "anthropic")
     assert cfg.improve.api_key_env in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY")
 

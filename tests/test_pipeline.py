@@ -169,6 +169,73 @@ def test_the_same_config_gives_the_same_numbers_and_weights_on_a_busy_machine(sf
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+#: Per multiple-choice task: overrides that shrink its CPU job further, and the SFT steps of
+#: its fixture model. Logical deduction runs on 3 objects (5 unseen) so attempts stay short;
+#: its longer rationales (about 250 tokens for 3 objects) need more steps, cooler sampling
+#: and a larger generation budget before a tiny model writes complete attempts.
+MULTIPLE_CHOICE = {
+    "date_understanding": ({}, 150),
+    "logical_deduction": ({"task.difficulty": "{seen_objects: [3], unseen_objects: [5]}",
+                           "rollout.temperature": 0.5, "rollout.max_new_tokens": 320, "eval.max_new_tokens": 320},
+                          400),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(MULTIPLE_CHOICE))
+def task_sft_model(request, tmp_path_factory) -> tuple[str, str]:
+    """(task name, a tiny model of its CPU job briefly fine-tuned on its gold rationales), as
+    the session's ``sft_model_dir`` is for arithmetic: a model whose attempts are well
+    formed with mistakes, so editing and training have work."""
+    from transformers import AutoTokenizer
+
+    from tripost_ray.config import TrainConfig
+    from tripost_ray.models import build_tiny_model
+    from tripost_ray.pipeline import gold_sft_examples, tokenizer_corpus
+    from tripost_ray.tasks import get_task
+    from tripost_ray.training.plain import train_plain
+
+    name = request.param
+    overrides, steps = MULTIPLE_CHOICE[name]
+    cfg = load_config(ROOT / "jobs" / f"quickstart_{name}.yaml", [f"{k}={v}" for k, v in overrides.items()])
+    task = get_task(name, **cfg.task.difficulty)
+    problems = task.generate(600, "train", seed=0)
+    corpus = tokenizer_corpus(task, problems) + [task.prompt(p) for s in ("test_seen", "test_unseen")
+                                                 for p in task.generate(20, s, seed=0)]
+    root = tmp_path_factory.mktemp(f"sft_{name}")
+    base = build_tiny_model(cfg.model.tiny, corpus, str(root / "base"))
+    run = train_plain(gold_sft_examples(task, problems), base,
+                      TrainConfig(micro_batch_size=16, learning_rate=2e-3, warmup_ratio=0.05, num_workers=1),
+                      epochs=steps * 16 / len(problems), max_steps=steps)
+    out = str(root / "sft")
+    run.model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return name, out
+
+
+def test_the_cpu_job_of_each_multiple_choice_task_runs_end_to_end(task_sft_model, tmp_path, serve_port):
+    """jobs/quickstart_<task>.yaml shrunk like the reduced quickstart above: one iteration of
+    rollouts, editing through the teacher server, training and evaluation."""
+    from tripost_ray.pipeline import run_job
+
+    task_name, model = task_sft_model
+    job = ROOT / "jobs" / f"quickstart_{task_name}.yaml"
+    small = {"iterations": 1, "task.n_train": 24, "task.n_test_seen": 6, "task.n_test_unseen": 6,
+             "rollout.max_new_tokens": 160, "eval.max_new_tokens": 160, "rollout.self_improve_rounds": 1,
+             "eval.self_improve_rounds": 1, "eval.initial": False, **MULTIPLE_CHOICE[task_name][0]}
+    summary = run_job(load_config(job, _overrides(model, tmp_path, task_name, serve_port, **small)))
+    run = tmp_path / task_name
+
+    iterations = {it["iteration"]: it for it in summary["iterations"]}
+    assert set(iterations) == {1}
+    assert iterations[1]["llm"]["http_requests"] > 0 and iterations[1]["llm"]["trajectories"] > 0
+    for stage in ("iter_1/pass_0/rollouts", "iter_1/pass_0/editing", "iter_1/postprocess", "iter_1/train", "iter_1/eval"):
+        assert (run / stage / "_MANIFEST.json").exists(), stage
+    examples = storage.read_table(str(run / "iter_1/postprocess/train.parquet"))
+    assert examples and all(r["problem_id"].startswith(task_name) for r in examples)
+    acc = iterations[1]["metrics"]["accuracy"]
+    assert acc["seen"] is not None and acc["unseen"] is not None
+
+
 def _cache_entries(run: Path) -> int:
     return sum(1 for p in (run / "cache").rglob("*.json")) if (run / "cache").exists() else 0
 

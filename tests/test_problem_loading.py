@@ -173,10 +173,11 @@ def test_duplicate_ids_are_an_error(tmp_path):
 def test_get_task_known_and_unknown():
     assert get_task("word_sorting").name == "word_sorting"
     assert get_task("multistep_arithmetic").name == "multistep_arithmetic"
-    assert set(TASKS) >= {"word_sorting", "multistep_arithmetic"}
+    assert set(TASKS) == {"word_sorting", "multistep_arithmetic", "date_understanding", "logical_deduction"}
     with pytest.raises(KeyError) as info:
-        get_task("date_understanding")
-    assert str(info.value) == "unknown task 'date_understanding'; allowed: ['multistep_arithmetic', 'word_sorting']"
+        get_task("causal_judgement")
+    assert str(info.value) == ("unknown task 'causal_judgement'; allowed: ['date_understanding', 'logical_deduction', "
+                               "'multistep_arithmetic', 'word_sorting']")
 
 
 def test_get_task_options_are_checked():

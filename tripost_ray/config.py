@@ -47,7 +47,8 @@ class TaskConfig(Section):
     )
     difficulty: dict[str, Any] = Field(
         default_factory=dict,
-        description="Task options, e.g. seen_group_sizes, seen_nestings, operand_range (arithmetic); seen_sizes (word sorting).",
+        description="Task options, e.g. seen_group_sizes, seen_nestings, operand_range (arithmetic); seen_sizes (word "
+        "sorting); seen_steps, unseen_steps, years (date understanding); seen_objects, unseen_objects (logical deduction).",
     )
 
 

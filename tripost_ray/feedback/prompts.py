@@ -69,6 +69,18 @@ TASK_DESCRIPTIONS = {
         "the words inside each bucket (nested steps compare later letters); missing or repeated words; and the "
         "final sorted list.",
     ),
+    "date_understanding": (
+        "date understanding problems (multiple choice: find a date relative to today, in MM/DD/YYYY)",
+        "Check, in order: each step's reference date against the question and the earlier steps; each date "
+        "computation in real calendar arithmetic (month lengths, leap years; a month or year later keeps the day); "
+        "that the date found is the option named; and the final letter.",
+    ),
+    "logical_deduction": (
+        "logical deduction problems (multiple choice: objects in a fixed order, from statements about them)",
+        "Check, in order: the numbering of the places; for each step, that it applies the next statement that "
+        "changes the arrangement and that the places it leaves each object follow from that statement and from "
+        "no two objects sharing a place; the final order; the option that matches; and the final letter.",
+    ),
 }
 
 FBK_FORMAT = (

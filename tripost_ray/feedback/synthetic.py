@@ -33,8 +33,9 @@ def corrupt_numbers(attempt: str, rng: random.Random, n: int = 1) -> str:
 
 
 def wrong_final_answer(attempt: str, rng: random.Random) -> str:
-    """Make the final response's answer wrong (a number shifted, or two words swapped), as a
-    small model's wrong attempt would be; a right answer would make the rollout direct-correct."""
+    """Make the final response's answer wrong (a number shifted, another option letter among
+    (A)-(C), or two words swapped), as a small model's wrong attempt would be; a right
+    answer would make the rollout direct-correct."""
     parsed = parse_attempt(attempt)
     steps = list(parsed.steps)
     final = parsed.final_response
@@ -46,6 +47,8 @@ def wrong_final_answer(attempt: str, rng: random.Random) -> str:
     answer = m.group(1)
     if _INT_RE.fullmatch(answer):
         wrong = str(int(answer) + rng.choice([-3, -2, -1, 1, 2, 3]))
+    elif re.fullmatch(r"\([A-J]\)", answer):  # an option letter: another option
+        wrong = f"({'ABCDEFGHIJ'[('ABCDEFGHIJ'.index(answer[1]) + rng.randint(1, 2)) % 3]})"
     else:
         words = answer.split()
         if len(words) < 2:

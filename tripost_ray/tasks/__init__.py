@@ -8,6 +8,8 @@ from tripost_ray.tasks.base import SPLITS, Problem, ProblemFormatError, Split, T
 TASKS: dict[str, str] = {
     "multistep_arithmetic": "tripost_ray.tasks.arithmetic:ArithmeticTask",
     "word_sorting": "tripost_ray.tasks.word_sorting:WordSortingTask",
+    "date_understanding": "tripost_ray.tasks.date_understanding:DateUnderstandingTask",
+    "logical_deduction": "tripost_ray.tasks.logical_deduction:LogicalDeductionTask",
 }
 
 
