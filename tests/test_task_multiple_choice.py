@@ -4,7 +4,6 @@ BIG-Bench-Hard test files."""
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from datetime import date
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import shared_data_dir
 from tripost_ray.config import ConfigError, load_config
 from tripost_ray.tasks import get_task, load_problems
 from tripost_ray.tasks.base import Problem
@@ -19,8 +19,6 @@ from tripost_ray.tasks.date_understanding import shift
 from tripost_ray.tasks.logical_deduction import parse_question as parse_puzzle
 from tripost_ray.trajectory import FINAL_LABEL, ParsedAttempt, Step, parse_attempt, parse_feedback
 
-ROOT = Path(__file__).resolve().parents[1]
-BBH = ROOT.parent / "shared" / "data" / "bbh"
 N = 1000
 TASK_NAMES = ["date_understanding", "logical_deduction"]
 SPLITS = ["train", "test_seen", "test_unseen"]
@@ -240,11 +238,7 @@ def test_difficulty_options_are_validated_at_config_load(tmp_path, options, matc
 
 
 def _bbh_file(name: str) -> Path:
-    if not BBH.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"the BIG-Bench-Hard test files are missing ({BBH}); CI must provide ../shared")
-        pytest.skip(f"the BIG-Bench-Hard test files are not here ({BBH})")
-    return BBH / name
+    return shared_data_dir("bbh") / name
 
 
 @pytest.mark.parametrize("file, task_name, split", [

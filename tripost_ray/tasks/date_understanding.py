@@ -226,7 +226,7 @@ CONTEXT_RULES: tuple[tuple[re.Pattern, Rule], ...] = tuple((re.compile(p), r) fo
      lambda m: [read("today", f"the first day of {m.group('y')}", date(int(m.group("y")), 1, 1))]),
     (r"Today is the second day of the third month of (?P<y>\d{4})",
      lambda m: [read("today", f"the second day of the third month of {m.group('y')}", date(int(m.group("y")), 3, 2))]),
-    (rf"^Today is (?P<md>\d{{1,2}}/\d{{1,2}})[.,].*?(?P<y>\d{{4}})",
+    (r"^Today is (?P<md>\d{1,2}/\d{1,2})[.,].*?(?P<y>\d{4})",
      lambda m: [read("today", f"{m.group('md')} in {m.group('y')}", _parse_date(m.group("md"), int(m.group("y"))))]),
 ))
 
