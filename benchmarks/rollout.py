@@ -10,8 +10,10 @@ The same model, prompts, batch size, sampling seed and token budget go through
 Reported: generated tokens/s, problems/s and the ratios (b)/(a), all from one run. Each
 timed run includes loading the model (the plain loop) or starting the actors and loading
 the model in them (the stage), so the stage pays its real per-stage cost; the one-off
-``ray.init`` is timed and reported separately. Per-problem seeds make all three runs
-generate the same tokens, which the script checks. On a GPU machine every run uses the
+``ray.init`` is timed and reported separately. Per-problem seeds and the same batches make
+all three runs generate the same tokens, which the script checks; their thread counts
+differ, so their logits may differ in the last bits, which the vocabulary-order sampler
+turns into another token only very rarely (``tripost_ray.generation``). On a GPU machine every run uses the
 GPU(s) and tokens/s per GPU are reported.
 
     python benchmarks/rollout.py                     # default: about 3-4 minutes on 2 idle cores

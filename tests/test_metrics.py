@@ -18,7 +18,7 @@ from tripost_ray import metrics
 from tripost_ray.config import build_config
 from tripost_ray.feedback.pool import run_editing
 from tripost_ray.feedback.synthetic import corrupted_rollouts
-from tripost_ray.serve.teacher import openai_base_url, start_teacher
+from tripost_ray.serve.teacher import get_stats, openai_base_url, start_teacher
 from tripost_ray.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +59,7 @@ def teacher(ray_cluster):
     os.environ[KEY_ENV] = KEY
     # some 429s, so requests carry more than one outcome; latency so editing takes a while
     yield start_teacher(ARITH, name="metrics-arith", route_prefix="/metrics-arith", api_key=KEY, latency_s=0.1,
+                        models=[FBK_MODEL, IMP_MODEL],
                         faults="429=0.1,seed=7")
     serve.shutdown()
     if old is None:
@@ -68,8 +69,7 @@ def teacher(ray_cluster):
 
 
 def teacher_requests(root: str) -> int:
-    with urllib.request.urlopen(root + "/stats?events=0") as r:
-        return json.load(r)["total"]
+    return get_stats(root, KEY)["total"]
 
 
 @pytest.mark.integration

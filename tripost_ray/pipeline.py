@@ -297,7 +297,7 @@ def run_job(cfg: JobConfig, *, force: bool = False) -> dict:
         started = time.time()
         init_ray(cfg.ray)
         log.info("live metrics (Prometheus): %s", " ".join(metrics_endpoints()))
-        teacher = _start_teacher_if_enabled(cfg)
+        teacher = _start_teacher_if_enabled(cfg, job.run.root)
         tracker = None
         try:
             from tripost_ray.feedback.providers import check_credentials
@@ -355,16 +355,24 @@ def _run_stages(job: Job) -> None:
             job.evaluate(t, model, probs, model_stage)
 
 
-def _start_teacher_if_enabled(cfg: JobConfig):
-    """Start the Serve teacher and point unset provider base_urls at it; returns a stopper."""
+def _start_teacher_if_enabled(cfg: JobConfig, run_root: str):
+    """Start the Serve teacher and point unset provider base_urls at it; returns a stopper.
+
+    The app is named and routed after the run folder: runs on one cluster share Serve's one
+    HTTP proxy but never each other's teacher, and an app under this run's name can only be
+    left over from a killed driver of this run (whose lock the caller now holds), so it is
+    replaced rather than refused.
+    """
     if not cfg.teacher.enabled:
         return None
+    import hashlib
     import secrets
 
     from tripost_ray.feedback.providers import served_by_job_teacher
     from tripost_ray.serve.teacher import DEFAULT_MODEL, openai_base_url, start_teacher, stop_teacher
 
     served = [s for s in (cfg.feedback, cfg.improve) if served_by_job_teacher(cfg, s)]
+    app = "teacher-" + hashlib.sha256(run_root.encode()).hexdigest()[:10]
     # A fresh key per invocation: the teacher checks it like a hosted API would, and the
     # providers read it from the driver's environment like any other key (it is never stored).
     os.environ[TEACHER_KEY_ENV] = secrets.token_urlsafe(24)
@@ -372,11 +380,12 @@ def _start_teacher_if_enabled(cfg: JobConfig):
                          latency_s=cfg.teacher.latency_s, faults=cfg.teacher.faults or None,
                          api_key=os.environ[TEACHER_KEY_ENV], task_options=cfg.task.difficulty,
                          models=sorted({s.model for s in served}) or [DEFAULT_MODEL],
-                         max_body_bytes=cfg.teacher.max_body_bytes)
+                         max_body_bytes=cfg.teacher.max_body_bytes, name=app, route_prefix=f"/{app}",
+                         replace_existing=True)
     for section in served:
         section.base_url = openai_base_url(root) if section.provider == "openai" else root
         section.api_key_env = TEACHER_KEY_ENV
-    return stop_teacher
+    return lambda: stop_teacher(app)
 
 
 # ------------------------------------------------------------------------- CLI

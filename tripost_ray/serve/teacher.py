@@ -639,6 +639,7 @@ def start_teacher(
     models: Sequence[str] = (DEFAULT_MODEL,),
     task_options: dict | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    replace_existing: bool = False,
 ) -> str:
     """Deploy a teacher app and return its root URL ``http://host:port<route_prefix>``.
 
@@ -650,6 +651,9 @@ def start_teacher(
     proxy is cluster-wide. Several teachers coexist under different ``name`` and
     ``route_prefix``; a second app of the same name is refused. ``models``: the model
     names it answers to (others get a 400). A non-loopback host needs ``api_key``.
+    An app already deployed under ``name`` is refused, unless ``replace_existing``: for a
+    caller that knows such an app can only be its own leftover (the pipeline, which holds its
+    run folder's lock and names its app after the run, after a killed driver).
     Uses the running Ray (or starts a local one).
     """
     import ray
@@ -673,7 +677,7 @@ def start_teacher(
                 f"cannot serve on {host}:{port}. Leave port unset to reuse it, or serve.shutdown() first."
             )
         host, port = run_host, run_port
-        if name in serve.status().applications:
+        if name in serve.status().applications and not replace_existing:
             raise TeacherError(f"a Serve application named {name!r} already runs on this cluster "
                                f"({run_host}:{run_port}); stop it (serve.delete({name!r})) or choose another name")
     key_sha = hashlib.sha256(api_key.encode()).hexdigest() if api_key else None
