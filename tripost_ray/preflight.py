@@ -43,16 +43,21 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def check_folder(url: str, what: str) -> None:
-    """A folder that can be created or written: the backend is installed and, for a local
-    path, the nearest existing ancestor is a writable folder."""
+def _local_path(url: str, what: str) -> Path | None:
+    """The local path of ``url``; None for a remote URL whose backend is installed."""
     try:
         local = storage.is_local(url)
     except storage.StorageError as err:
         raise PreflightError(f"{what}: {err}") from None
-    if not local:
+    return Path(storage.local_path(url)) if local else None
+
+
+def check_folder(url: str, what: str) -> None:
+    """A folder that can be created or written: the backend is installed and, for a local
+    path, the nearest existing ancestor is a writable folder."""
+    path = _local_path(url, what)
+    if path is None:
         return
-    path = Path(storage.local_path(url))
     existing = _nearest_existing(path)
     if not existing.is_dir():
         raise PreflightError(f"{what}: {url} cannot be a folder: {existing} is a file")
@@ -62,13 +67,9 @@ def check_folder(url: str, what: str) -> None:
 
 def check_output_file(url: str, what: str) -> None:
     """A file that can be written (its folder can be created or written; it is not a folder)."""
-    try:
-        local = storage.is_local(url)
-    except storage.StorageError as err:
-        raise PreflightError(f"{what}: {err}") from None
-    if not local:
+    path = _local_path(url, what)
+    if path is None:
         return
-    path = Path(storage.local_path(url))
     if path.is_dir():
         raise PreflightError(f"{what}: {url} is a folder, not a file")
     if path.exists() and not os.access(path, os.W_OK):
