@@ -49,9 +49,9 @@ from datetime import date, timedelta
 from functools import lru_cache
 from typing import Callable, Sequence
 
-from tripost_ray.tasks.base import SPLITS, Problem, Split, Task
-from tripost_ray.tasks.steps import improve_steps, verify_steps
-from tripost_ray.trajectory import FINAL_LABEL, FINAL_RESPONSE_TAG, Feedback, Step, parse_attempt
+from tripost_ray.tasks.base import SPLITS, Problem, Split
+from tripost_ray.tasks.steps import Diagnose, StepwiseTask
+from tripost_ray.trajectory import FINAL_LABEL, FINAL_RESPONSE_TAG, Step
 
 LETTERS = "ABCDEF"
 MONTHS = ("January February March April May June July August September October November December").split()
@@ -344,7 +344,7 @@ def _check_steps(name: str, value: object) -> tuple[int, int]:
     return value[0], value[1]
 
 
-class DateUnderstandingTask(Task):
+class DateUnderstandingTask(StepwiseTask):
     """Dates through chains of 1-2 date steps (seen) or 3 and more (unseen)."""
 
     name = "date_understanding"
@@ -478,21 +478,11 @@ class DateUnderstandingTask(Task):
         today = problem.meta.get("today")
         return gold_steps_of(problem.question, _real_date(today) if today else None)
 
-    def gold_rationale(self, problem: Problem) -> str:
-        return "\n".join([self.attempt_prefix, *(s.text for s in self.gold_steps(problem))])
-
     # -------------------------------------------------------- scripted teachers
 
-    def verify(self, problem: Problem, attempt: str) -> Feedback:
-        """The earliest step that differs from the gold rationale, explained; never raises."""
-        gold = self.gold_steps(problem)
+    def diagnoser(self, problem: Problem, gold: Sequence) -> Diagnose:
         options = _options_of(problem.question)
-        return verify_steps(gold, parse_attempt(attempt if isinstance(attempt, str) else "").steps,
-                            lambda step, g: _diagnose(step, g, gold, options))
-
-    def improve(self, problem: Problem, attempt: str, feedback: Feedback) -> str:
-        """Keep the steps before ``feedback.step`` verbatim and write the rest correctly."""
-        return improve_steps(self.attempt_prefix, self.gold_steps(problem), attempt, feedback)
+        return lambda step, g: _diagnose(step, g, gold, options)
 
 
 # ------------------------------------------------------------------ diagnosis

@@ -45,9 +45,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
-from tripost_ray.tasks.base import SPLITS, Problem, Split, Task
-from tripost_ray.tasks.steps import improve_steps, verify_steps
-from tripost_ray.trajectory import FINAL_LABEL, FINAL_RESPONSE_TAG, Feedback, Step, parse_attempt
+from tripost_ray.tasks.base import SPLITS, Problem, Split
+from tripost_ray.tasks.steps import Diagnose, StepwiseTask
+from tripost_ray.trajectory import FINAL_LABEL, FINAL_RESPONSE_TAG, Step
 
 PREAMBLE = (
     "The following paragraphs each describe a set of {n} objects arranged in a fixed order. The statements are "
@@ -436,7 +436,7 @@ def _check_counts(name: str, value: object) -> tuple[int, ...]:
     return tuple(sorted(set(value)))
 
 
-class LogicalDeductionTask(Task):
+class LogicalDeductionTask(StepwiseTask):
     """Order 3 or 5 objects (seen) or 7 objects (unseen) from BIG-Bench-style statements."""
 
     name = "logical_deduction"
@@ -547,21 +547,11 @@ class LogicalDeductionTask(Task):
     def gold_steps(self, problem: Problem) -> tuple[_GoldStep, ...]:
         return gold_steps_of(problem.question)
 
-    def gold_rationale(self, problem: Problem) -> str:
-        return "\n".join([self.attempt_prefix, *(s.text for s in self.gold_steps(problem))])
-
     # -------------------------------------------------------- scripted teachers
 
-    def verify(self, problem: Problem, attempt: str) -> Feedback:
-        """The earliest step that differs from the gold rationale, explained; never raises."""
-        gold = self.gold_steps(problem)
+    def diagnoser(self, problem: Problem, gold: Sequence) -> Diagnose:
         puzzle = parse_question(problem.question)
-        return verify_steps(gold, parse_attempt(attempt if isinstance(attempt, str) else "").steps,
-                            lambda step, g: _diagnose(step, g, gold, puzzle))
-
-    def improve(self, problem: Problem, attempt: str, feedback: Feedback) -> str:
-        """Keep the steps before ``feedback.step`` verbatim and write the rest correctly."""
-        return improve_steps(self.attempt_prefix, self.gold_steps(problem), attempt, feedback)
+        return lambda step, g: _diagnose(step, g, gold, puzzle)
 
 
 # ------------------------------------------------------------------ diagnosis

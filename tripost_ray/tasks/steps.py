@@ -8,12 +8,42 @@ rest as the gold steps.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Callable, Sequence
 
+from tripost_ray.tasks.base import Problem, Task
 from tripost_ray.trajectory import FINAL_LABEL, Feedback, Step, parse_attempt
 
+Diagnose = Callable[[Step, object], tuple[str, str]]
 
-def verify_steps(gold: Sequence, steps: Sequence[Step], diagnose: Callable[[Step, object], tuple[str, str]]) -> Feedback:
+
+class StepwiseTask(Task):
+    """A task whose gold rationale is a sequence of gold steps and whose scripted teacher is
+    the strict step-by-step comparison below: subclasses give the steps and the diagnosis."""
+
+    @abstractmethod
+    def gold_steps(self, problem: Problem) -> Sequence:
+        """The gold rationale's steps (each with ``label`` and ``text``)."""
+
+    @abstractmethod
+    def diagnoser(self, problem: Problem, gold: Sequence) -> Diagnose:
+        """``diagnose(step, gold_step) -> (segment, reason)`` for a wrong step of ``problem``."""
+
+    def gold_rationale(self, problem: Problem) -> str:
+        return "\n".join([self.attempt_prefix, *(s.text for s in self.gold_steps(problem))])
+
+    def verify(self, problem: Problem, attempt: str) -> Feedback:
+        """The earliest step that differs from the gold rationale, explained; never raises."""
+        gold = self.gold_steps(problem)
+        return verify_steps(gold, parse_attempt(attempt if isinstance(attempt, str) else "").steps,
+                            self.diagnoser(problem, gold))
+
+    def improve(self, problem: Problem, attempt: str, feedback: Feedback) -> str:
+        """Keep the steps before ``feedback.step`` verbatim and write the rest correctly."""
+        return improve_steps(self.attempt_prefix, self.gold_steps(problem), attempt, feedback)
+
+
+def verify_steps(gold: Sequence, steps: Sequence[Step], diagnose: Diagnose) -> Feedback:
     """The strict step-by-step comparison both multiple-choice tasks use: the earliest step
     that is not the gold step, explained by ``diagnose(step, gold_step) -> (segment, reason)``."""
     for i, step in enumerate(steps):
