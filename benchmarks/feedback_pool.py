@@ -54,6 +54,7 @@ def max_in_window(times: list[float], window: float) -> int:
 def run_case(name, root, rows, actors, concurrency, rpm=None):
     from tripost_ray.config import build_config
     from tripost_ray.feedback.pool import run_editing
+    from tripost_ray.specs import JobSpecs
     from tripost_ray.serve.teacher import openai_base_url, reset_stats
 
     reset_stats(root, os.environ[KEY_ENV])
@@ -65,7 +66,7 @@ def run_case(name, root, rows, actors, concurrency, rpm=None):
                         "editing": {"num_actors": actors, "concurrency_per_actor": concurrency, "cache": False,
                                     "progress": False}})
     with tempfile.TemporaryDirectory() as out:
-        summary = run_editing(rows, "multistep_arithmetic", job, out)
+        summary = run_editing(rows, JobSpecs(job).editing(), out)
     rate = server_rate(root)
     times = rate.pop("times")
     result = {"case": name, "actors": actors, "concurrency_per_actor": concurrency, "in_flight": actors * concurrency,

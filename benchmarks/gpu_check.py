@@ -116,7 +116,7 @@ def main() -> int:
 
     from tripost_ray.config import RolloutConfig, TinyModelConfig, TrainConfig
     from tripost_ray.models import build_tiny_model, load_model_and_tokenizer
-    from tripost_ray.pipeline import gold_sft_examples
+    from tripost_ray.tasks.datasets import gold_sft_examples
     from tripost_ray.tasks import get_task
 
     task = get_task(TASK)
@@ -157,6 +157,7 @@ def main() -> int:
     @step("c_rollout_stage")
     def _c():
         from tripost_ray.rollout import read_rollouts, run_rollouts
+        from tripost_ray.specs import GenerationSpec, TaskSpec
 
         @ray.remote(num_gpus=1 if gpu else 0, num_cpus=1)
         def placement() -> dict:
@@ -170,7 +171,8 @@ def main() -> int:
         cfg = RolloutConfig(num_gpus_per_actor=1 if gpu else 0, num_cpus_per_actor=1, batch_size=32,
                             max_new_tokens=args.max_new_tokens, wait_for_actors_s=300)
         uri = str(out / "rollouts")
-        summary = run_rollouts(test_problems, model_dir, TASK, cfg, uri, self_improve=False, temperature=1.0, seed=0)
+        spec = GenerationSpec.build(cfg, TaskSpec(name=TASK), self_improve=False, temperature=1.0, seed=0)
+        summary = run_rollouts(test_problems, model_dir, spec, uri)
         rows = read_rollouts(uri)
         ids = [r["problem_id"] for r in rows]
         assert len(ids) == len(set(ids)) == len(test_problems), f"{len(ids)} rows, {len(set(ids))} distinct"

@@ -101,14 +101,16 @@ def ray_stage(model_dir: str, problems, args, actors: int, threads: int, gpus_pe
     """(b): the Ray Data stage with ``actors`` generator actors of ``threads`` threads each."""
     from tripost_ray.config import RolloutConfig
     from tripost_ray.rollout import read_rollouts, run_rollouts
+    from tripost_ray.specs import GenerationSpec, TaskSpec
 
     cfg = RolloutConfig(min_actors=actors, max_actors=actors, num_cpus_per_actor=0.5,
                         num_gpus_per_actor=gpus_per_actor, torch_threads_per_actor=threads,
                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, self_improve_rounds=0,
                         top_p=1.0)
     t0, t_wall0 = time.perf_counter(), time.time()
-    summary = run_rollouts(problems, model_dir, "multistep_arithmetic", cfg, out, self_improve=False,
-                           temperature=args.temperature, seed=args.seed)
+    spec = GenerationSpec.build(cfg, TaskSpec(name="multistep_arithmetic"), self_improve=False,
+                                temperature=args.temperature, seed=args.seed)
+    summary = run_rollouts(problems, model_dir, spec, out)
     wall = time.perf_counter() - t0
     rows = read_rollouts(out)
     first_batch = min(r["batch_started_at"] for r in rows)

@@ -93,7 +93,7 @@ def sft_model_dir(tmp_path_factory) -> str:
 
     from tripost_ray.config import TinyModelConfig, TrainConfig
     from tripost_ray.models import build_tiny_model
-    from tripost_ray.pipeline import gold_sft_examples, tokenizer_corpus
+    from tripost_ray.tasks.datasets import gold_sft_examples, tokenizer_corpus
     from tripost_ray.tasks import get_task
     from tripost_ray.training.plain import train_plain
 

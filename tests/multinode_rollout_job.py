@@ -19,6 +19,7 @@ def main(model_dir: str, out_dir: str, seed: int) -> dict:
 
     from test_rollout_multinode import multinode_cfg, multinode_problems
     from tripost_ray.rollout import run_rollouts
+    from tripost_ray.specs import GenerationSpec, TaskSpec
 
     # two nodes with their own CPUs and one "rollout_slot" each: one generator actor per node
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -31,9 +32,9 @@ def main(model_dir: str, out_dir: str, seed: int) -> dict:
         ctx.enable_progress_bars = False
         ctx.execution_no_progress_timeout_s = 300
         n_nodes = len([n for n in ray.nodes() if n["Alive"]])
-        summary = run_rollouts(multinode_problems(), model_dir, "multistep_arithmetic",
-                               multinode_cfg(actors=2, resources={"rollout_slot": 1}), out_dir,
-                               self_improve=True, temperature=1.0, seed=seed)
+        spec = GenerationSpec.build(multinode_cfg(actors=2, resources={"rollout_slot": 1}),
+                                    TaskSpec(name="multistep_arithmetic"), self_improve=True, temperature=1.0, seed=seed)
+        summary = run_rollouts(multinode_problems(), model_dir, spec, out_dir)
         return {"cluster_nodes": n_nodes, **summary.to_dict()}
     finally:
         ray.shutdown()

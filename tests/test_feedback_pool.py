@@ -18,6 +18,7 @@ from tripost_ray.feedback.pool import read_failures, read_trajectories, run_edit
 from tripost_ray.feedback.providers import MissingCredentialsError
 from tripost_ray.feedback.synthetic import corrupted_rollouts
 from tripost_ray.outcomes import STATUSES
+from tripost_ray.specs import JobSpecs, TaskSpec
 from tripost_ray.serve.teacher import get_stats, openai_base_url, reset_stats, start_teacher, stop_teacher
 from tripost_ray.tasks import get_task
 from tripost_ray.trajectory import parse_feedback
@@ -73,6 +74,11 @@ def provider(kind: str, root: str, **over) -> dict:
     return {"provider": kind, "model": "tripost-teacher", "base_url": base, "api_key_env": KEY_ENV, **over}
 
 
+def editing_spec(cfg, task_name: str = ARITH):
+    """The editing stage's spec of ``cfg``, for ``task_name``."""
+    return JobSpecs(cfg).editing().model_copy(update={"task": TaskSpec(name=task_name)})
+
+
 def job(fbk: dict, imp: dict, **editing):
     return build_config({"feedback": fbk, "improve": imp,
                          "editing": {"num_actors": 2, "concurrency_per_actor": 8, "progress": False, **editing}})
@@ -94,7 +100,7 @@ def scripted_reference(ray_cluster, tmp_path_factory):
     for task_name, n in ((ARITH, 16), (WORDS, 8), (DATE, 8), (LOGIC, 8)):
         rows = corrupted_rollouts(get_task(task_name), n, seed=11)
         path = str(tmp_path_factory.mktemp("scripted") / task_name)
-        summary = run_editing(rows, task_name, job({"provider": "scripted"}, {"provider": "scripted"}), path,
+        summary = run_editing(rows, editing_spec(job({"provider": "scripted"}, {"provider": "scripted"}), task_name), path,
                               cache_uri=str(tmp_path_factory.mktemp("unused-cache")))
         assert summary.http_requests == 0 and summary.trajectories > 0
         out[task_name] = (rows, trajectories(path), summary)
@@ -115,7 +121,7 @@ def test_wire_formats_give_the_scripted_trajectories_and_a_rerun_is_free(
     root = teachers[ROOT_OF[task_name]]
     cfg = job(provider(fbk_kind, root), provider(imp_kind, root), num_actors=1)
     before = requests_made(root)
-    first = run_editing(rows, task_name, cfg, str(tmp_path / "a"), cache_uri=str(tmp_path / "cache"))
+    first = run_editing(rows, editing_spec(cfg, task_name), str(tmp_path / "a"), cache_uri=str(tmp_path / "cache"))
     made = requests_made(root) - before
     assert trajectories(str(tmp_path / "a")) == expected
     assert first.kinds == scripted.kinds and first.calls == scripted.calls
@@ -125,7 +131,7 @@ def test_wire_formats_give_the_scripted_trajectories_and_a_rerun_is_free(
     usage = first.usage[f"{fbk_kind}/tripost-teacher"]
     assert usage["input_tokens"] > 0 and usage["output_tokens"] > 0
 
-    second = run_editing(rows, task_name, cfg, str(tmp_path / "b"), cache_uri=str(tmp_path / "cache"))
+    second = run_editing(rows, editing_spec(cfg, task_name), str(tmp_path / "b"), cache_uri=str(tmp_path / "cache"))
     assert requests_made(root) - before == made  # zero HTTP requests the second time
     assert second.http_requests == 0 and second.cache_hits == llm_calls and second.cache_misses == 0
     assert trajectories(str(tmp_path / "b")) == expected
@@ -137,7 +143,7 @@ def test_faults_end_as_ok_or_typed_failures_and_never_reach_trajectories(teacher
     cfg = job(provider("openai", root, timeout_s=1.0, backoff_base_s=0.05, backoff_max_s=0.4),
               provider("anthropic", root, timeout_s=1.0, backoff_base_s=0.05, backoff_max_s=0.4))
     before = stats(root)
-    summary = run_editing(rows, ARITH, cfg, str(tmp_path / "out"), cache_uri=str(tmp_path / "cache"))
+    summary = run_editing(rows, editing_spec(cfg), str(tmp_path / "out"), cache_uri=str(tmp_path / "cache"))
     after = stats(root)
     new_events = after["events"][len(before["events"]):]
     faults = [e[3] for e in new_events]
@@ -171,7 +177,7 @@ def test_rpm_limit_holds_across_actors_per_the_servers_log(teachers, tmp_path):
               concurrency_per_actor=8)
     reset_stats(root, KEY)
     cfg.editing.cache = False
-    summary = run_editing(rows, ARITH, cfg, str(tmp_path / "out"))
+    summary = run_editing(rows, editing_spec(cfg), str(tmp_path / "out"))
     times = sorted(e[0] for e in stats(root)["events"])
     assert len(times) == summary.http_requests >= 30
     # The limiter spaces *leases* exactly 60/RPM apart; the server stamps *arrivals*, which
@@ -200,8 +206,8 @@ def test_budget_stops_calls_cleanly_and_a_rerun_pays_only_for_what_is_missing(te
     cache = str(tmp_path / "cache")
 
     before = requests_made(root)
-    capped = job(fbk, imp, max_usd=1.5, prices=prices)
-    first = run_editing(rows, ARITH, capped, str(tmp_path / "first"), cache_uri=cache)
+    capped = job(fbk, imp, prices=prices)
+    first = run_editing(rows, editing_spec(capped), str(tmp_path / "first"), cache_uri=cache, budget_usd=1.5)
     paid_first = requests_made(root) - before
     assert first.cost_usd <= 1.5
     over = sum(c.get("over_budget", 0) for c in first.calls.values())
@@ -214,7 +220,7 @@ def test_budget_stops_calls_cleanly_and_a_rerun_pays_only_for_what_is_missing(te
     ok_first = sum(c.get("ok", 0) for c in first.calls.values())
     assert paid_first == first.http_requests == ok_first  # no faults: every request that went out succeeded
 
-    second = run_editing(rows, ARITH, job(fbk, imp, prices=prices), str(tmp_path / "second"), cache_uri=cache)
+    second = run_editing(rows, editing_spec(job(fbk, imp, prices=prices)), str(tmp_path / "second"), cache_uri=cache)
     paid_second = requests_made(root) - before - paid_first
     assert second.cache_hits == ok_first  # everything paid for the first time is reused ...
     assert paid_second == second.http_requests == llm_calls - ok_first  # ... and only the rest is paid now
@@ -227,7 +233,7 @@ def test_missing_key_fails_before_any_work(teachers, tmp_path, monkeypatch):
     cfg = job(provider("openai", root, api_key_env="TRIPOST_TEST_UNSET_KEY"), {"provider": "scripted"})
     before = requests_made(root)
     with pytest.raises(MissingCredentialsError, match="TRIPOST_TEST_UNSET_KEY"):
-        run_editing(corrupted_rollouts(get_task(ARITH), 4, seed=1), ARITH, cfg, str(tmp_path / "out"))
+        run_editing(corrupted_rollouts(get_task(ARITH), 4, seed=1), editing_spec(cfg), str(tmp_path / "out"))
     assert requests_made(root) == before
     assert not (tmp_path / "out").exists()
 
@@ -256,7 +262,7 @@ def test_a_key_reaches_the_actors_but_no_file_of_ray_or_the_run(teachers, tmp_pa
         cfg = job(provider("openai", root, api_key_env="TRIPOST_TEST_LEAK_KEY"),
                   provider("anthropic", root, api_key_env="TRIPOST_TEST_LEAK_KEY"), max_actor_restarts=0)
         rows = corrupted_rollouts(get_task(ARITH), 6, seed=11, correct_every=0)
-        summary = run_editing(rows, ARITH, cfg, str(tmp_path / "editing"), cache_uri=str(tmp_path / "cache"))
+        summary = run_editing(rows, editing_spec(cfg), str(tmp_path / "editing"), cache_uri=str(tmp_path / "cache"))
         served = get_stats(root, secret)
     finally:
         stop_teacher("pool-leak")
@@ -266,3 +272,14 @@ def test_a_key_reaches_the_actors_but_no_file_of_ray_or_the_run(teachers, tmp_pa
     assert (session / "logs").is_dir(), session
     assert _files_containing(session, secret) == []
     assert _files_containing(tmp_path, secret) == []
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_verify_direct_correct_sends_right_answers_to_the_verifier(ray_cluster, tmp_path, verify):
+    """``editing.verify_direct_correct`` reaches every editing conversation: a right output
+    goes through FBK exactly when it is set (scripted FBK: free either way)."""
+    rows = corrupted_rollouts(get_task(ARITH), 4, seed=3, correct_every=1)  # all right
+    cfg = job({"provider": "scripted"}, {"provider": "scripted"}, verify_direct_correct=verify)
+    summary = run_editing(rows, editing_spec(cfg), str(tmp_path / "out"))
+    assert summary.kinds == {"direct_correct": 4}
+    assert summary.calls.get("fbk", {}).get("ok", 0) == (4 if verify else 0)

@@ -55,7 +55,7 @@ def test_reproduction_config_is_labelled_and_sized_for_8_gpus(path: Path):
     assert (t.num_workers, t.use_gpu, t.zero_stage, t.offload_optimizer, t.precision) == (8, True, 2, True, "bf16")
     # TRIPOST.md reference hyper-parameters for LLaMA-7B.
     assert (t.learning_rate, t.epochs, t.micro_batch_size, t.warmup_ratio, t.weight_decay) == (1e-6, 4, 4, 0.2, 0.01)
-    assert t.feedback_weight == 1.5 and cfg.postprocess.rebalance_ratio == 1.5
+    assert cfg.postprocess.feedback_weight == 1.5 and cfg.postprocess.rebalance_ratio == 1.5
     assert cfg.editing.max_improve_rounds == 5 and cfg.rollout.max_passes == 5
     assert cfg.rollout.num_gpus_per_actor == 1 and cfg.rollout.max_actors == 8
     assert cfg.model.source != "tiny" and cfg.model.dtype == "bfloat16"

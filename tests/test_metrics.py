@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tripost_ray import metrics
 from tripost_ray.config import build_config
 from tripost_ray.feedback.pool import run_editing
+from tripost_ray.specs import JobSpecs
 from tripost_ray.feedback.synthetic import corrupted_rollouts
 from tripost_ray.serve.teacher import get_stats, openai_base_url, start_teacher
 from tripost_ray.tasks import get_task
@@ -88,7 +89,7 @@ def test_request_and_usd_counters_match_the_teachers_count_and_the_manifest(teac
     out = tmp_path / "editing"
     done: dict = {}
     worker = threading.Thread(target=lambda: done.update(summary=run_editing(
-        rows, ARITH, cfg, str(out), cache_uri=str(tmp_path / "cache"))))
+        rows, JobSpecs(cfg).editing(), str(out), cache_uri=str(tmp_path / "cache"), budget_usd=cfg.editing.max_usd)))
     worker.start()
     seen_during = 0.0
     while worker.is_alive():

@@ -179,6 +179,40 @@ def test_the_same_config_gives_the_same_numbers_and_weights_on_a_busy_machine(sf
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_the_budget_is_the_jobs_across_iterations_and_resumes_and_the_cache_goes_where_configured(
+        sft_model_dir, tmp_path, serve_port):
+    """``editing.max_usd`` is one budget for the whole job: iteration 1 spends it, and
+    iteration 2, run by a resumed invocation, gets only what is left (no paid call fits).
+
+    Only output tokens are priced, so every call reserves the same worst case (max_tokens
+    at the output price) and one editing actor with one conversation at a time spends the
+    budget down until less than one reservation is left."""
+    from tripost_ray.pipeline import run_job
+
+    cache = tmp_path / "elsewhere" / "cache"
+    budget = {"editing.max_usd": 0.05, "editing.prices": "{tripost-teacher: {output_per_mtok: 25.0}}",
+              "feedback.max_tokens": 400, "improve.max_tokens": 400, "editing.num_actors": 1,
+              "editing.concurrency_per_actor": 1, "editing.cache_uri": str(cache), "task.n_train": 16,
+              "task.n_test_seen": 4, "task.n_test_unseen": 4, "eval.initial": False, "eval.self_improve_rounds": 0}
+    reservation = 400 * 25.0 / 1e6
+    run_job(load_config(QUICKSTART, _overrides(sft_model_dir, tmp_path, "budget", serve_port, iterations=1, **budget)))
+    run = tmp_path / "budget"
+    first = json.loads((run / "iter_1/pass_0/editing/_MANIFEST.json").read_text())
+    assert first["budget_usd"] == 0.05
+    spent = first["summary"]["cost_usd"]
+    assert 0 < spent <= 0.05 and first["summary"]["calls"]["fbk"].get("over_budget", 0) > 0, first["summary"]
+    assert 0.05 - spent < reservation
+
+    run_job(load_config(QUICKSTART, _overrides(sft_model_dir, tmp_path, "budget", serve_port, iterations=2, **budget)))
+    second = json.loads((run / "iter_2/pass_0/editing/_MANIFEST.json").read_text())
+    assert second["budget_usd"] == pytest.approx(0.05 - spent)
+    assert second["summary"]["http_requests"] == 0 and second["summary"]["cost_usd"] == 0
+    assert sum(n for role in second["summary"]["calls"].values() for n in role.values()) == \
+        sum(role.get("over_budget", 0) for role in second["summary"]["calls"].values()) > 0
+    # the configured cache location holds the paid replies; the run folder has no cache of its own
+    assert any(p.is_file() for p in cache.rglob("*")) and not (run / "cache").exists()
+
+
 #: Per multiple-choice task: overrides that shrink its CPU job further, and the SFT steps of
 #: its fixture model. Logical deduction runs on 3 objects (5 unseen) so attempts stay short;
 #: its longer rationales (about 250 tokens for 3 objects) need more steps, cooler sampling
@@ -200,7 +234,7 @@ def task_sft_model(request, tmp_path_factory) -> tuple[str, str]:
 
     from tripost_ray.config import TrainConfig
     from tripost_ray.models import build_tiny_model
-    from tripost_ray.pipeline import gold_sft_examples, tokenizer_corpus
+    from tripost_ray.tasks.datasets import gold_sft_examples, tokenizer_corpus
     from tripost_ray.tasks import get_task
     from tripost_ray.training.plain import train_plain
 

@@ -38,7 +38,7 @@ def traj(turns, kind="edited", pid="p", question=Q, **meta) -> Trajectory:
 
 
 def cfg(**kw) -> PostprocessConfig:
-    return PostprocessConfig(**kw)
+    return PostprocessConfig(**{"feedback_weight": W, **kw})
 
 
 def spans_of(text: str, w: float = W) -> tuple:
@@ -127,7 +127,7 @@ def test_drop_reasons_are_documented():
 @pytest.mark.parametrize("marker", [{"failure": {"status": "timeout"}}, {"discard_reason": "fbk_timeout"},
                                     {"error": "api_error"}])
 def test_failure_markers_are_dropped(marker):
-    result = postprocess([traj([(A3, OK)], **marker)], [], cfg(rebalance_ratio=0), W)
+    result = postprocess([traj([(A3, OK)], **marker)], [], cfg(rebalance_ratio=0))
     assert result.examples == [] and result.dropped == Counter({"fbk_error": 1})
 
 
@@ -146,7 +146,7 @@ BROKEN = {
 
 @pytest.mark.parametrize("case", sorted(BROKEN))
 def test_broken_formats_are_dropped(case):
-    result = postprocess([traj(BROKEN[case]), traj([(A3, OK)], pid="good")], [], cfg(rebalance_ratio=0), W)
+    result = postprocess([traj(BROKEN[case]), traj([(A3, OK)], pid="good")], [], cfg(rebalance_ratio=0))
     assert result.dropped == Counter({"broken_format": 1})
     assert [e.problem_id for e in result.examples] == ["good"]
 
@@ -162,7 +162,7 @@ def test_long_attempts_are_dropped():
     long_step = PREFIX + "\n(1) " + " ".join(["word"] * 30) + ".\n(Final response) So the answer is 12."
     t_long = traj([(A1, F1), (long_step, OK)], pid="long")
     result = postprocess([t_long, traj([(A3, OK)])], [(Problem("g", Q, "12"), long_step)],
-                         cfg(max_attempt_words=25, rebalance_ratio=0), W)
+                         cfg(max_attempt_words=25, rebalance_ratio=0))
     assert result.dropped == Counter({"attempt_too_long": 2})  # the trajectory and the gold rationale
     assert [e.problem_id for e in result.examples] == ["p"]
     n_words = len(long_step.split())
@@ -175,7 +175,7 @@ def test_over_length_examples_with_a_token_counter():
     si, terminal = split_trajectory(t, W)
     limit = len(terminal.text)  # a character-level "tokenizer": the SI example is longer
 
-    result = postprocess([t], [], cfg(max_example_tokens=limit, rebalance_ratio=0), W, count_tokens=len)
+    result = postprocess([t], [], cfg(max_example_tokens=limit, rebalance_ratio=0), count_tokens=len)
     assert result.dropped == Counter({"too_many_tokens": 1})
     assert [e.text for e in result.examples] == [terminal.text]
     assert result.length_unit == "tokens"
@@ -184,8 +184,8 @@ def test_over_length_examples_with_a_token_counter():
 def test_over_length_without_a_tokenizer_counts_words():
     t = traj([(A3, OK)])
     words = len(split_trajectory(t, W)[0].text.split())
-    kept = postprocess([t], [], cfg(max_example_tokens=words, rebalance_ratio=0), W)
-    dropped = postprocess([t], [], cfg(max_example_tokens=words - 1, rebalance_ratio=0), W)
+    kept = postprocess([t], [], cfg(max_example_tokens=words, rebalance_ratio=0))
+    dropped = postprocess([t], [], cfg(max_example_tokens=words - 1, rebalance_ratio=0))
     assert kept.length_unit == dropped.length_unit == "words"
     assert len(kept.examples) == 1 and dropped.dropped == Counter({"too_many_tokens": 1})
 
@@ -193,7 +193,7 @@ def test_over_length_without_a_tokenizer_counts_words():
 def test_exact_duplicates_are_dropped_once_kept_once():
     t = traj([(A1, F1), (A3, OK)])
     gold = [(Problem("p", Q, "12"), A3)]  # the same text as the trajectory's terminal example
-    result = postprocess([t, traj([(A1, F1), (A3, OK)], pid="q")], gold, cfg(rebalance_ratio=0), W)
+    result = postprocess([t, traj([(A1, F1), (A3, OK)], pid="q")], gold, cfg(rebalance_ratio=0))
     assert result.dropped == Counter({"duplicate": 3})  # the second trajectory's two + the gold one
     assert sorted(e.kind for e in result.examples) == ["self_improve", "terminal"]
     assert result.counts["gold_before"] == 0
@@ -229,7 +229,7 @@ def test_self_improvement_share_at_the_default_ratio():
 def test_shortfall_takes_everything_and_is_recorded():
     trajectories = [traj([(A1, F1), (A2, F2), (A3, OK)], pid=f"p{i}", question=f"Q{i}") for i in range(6)]
     gold = [(Problem("g", "G?", "12"), A3)]
-    result = postprocess(trajectories, gold, cfg(rebalance_ratio=1), W)
+    result = postprocess(trajectories, gold, cfg(rebalance_ratio=1))
     # 12 SI examples, 6 terminal, 1 gold: k = 12, so 6 and 11 short
     assert result.counts["sample_target"] == 12
     assert result.counts["terminal_after"] == 6 and result.counts["terminal_shortfall"] == 6
@@ -243,13 +243,13 @@ def test_rebalancing_off_keeps_everything_without_gold(ratio):
     chosen = rebalance(si, terminal, gold, ratio, seed=0)
     assert Counter(e.kind for e in chosen) == Counter({"self_improve": 5, "terminal": 40})
     trajectories = [traj([(A1, F1), (A3, OK)], pid=f"p{i}", question=f"Q{i}") for i in range(3)]
-    result = postprocess(trajectories, [(Problem("g", "G?", "12"), A3)], cfg(rebalance_ratio=ratio), W)
+    result = postprocess(trajectories, [(Problem("g", "G?", "12"), A3)], cfg(rebalance_ratio=ratio))
     assert result.counts["rebalanced"] == 0 and result.counts["gold_after"] == 0
     assert result.counts["gold_before"] == 1 and len(result.examples) == 6
 
 
 def test_no_self_improvement_keeps_nothing_when_rebalancing():
-    result = postprocess([traj([(A3, OK)], kind="direct_correct")], [(Problem("g", "G?", "12"), A3)], cfg(), W)
+    result = postprocess([traj([(A3, OK)], kind="direct_correct")], [(Problem("g", "G?", "12"), A3)], cfg())
     assert result.examples == [] and result.counts["terminal_before"] == 1 and result.counts["sample_target"] == 0
 
 
@@ -260,7 +260,7 @@ def test_counts_before_and_after():
         + [traj([(A1, F1)], kind="bad_improvement", pid=f"b{i}", question=f"B{i}") for i in range(2)]
     )
     gold = [(Problem(f"g{i}", f"G{i}", "12"), A3) for i in range(50)]
-    result = postprocess(trajectories, gold, cfg(rebalance_ratio=1.5), W, seed=1)
+    result = postprocess(trajectories, gold, cfg(rebalance_ratio=1.5), seed=1)
     c = result.counts
     assert c["trajectories"] == c["trajectories_kept"] == 32 and c["bad_improvement"] == 2
     assert (c["self_improve_before"], c["terminal_before"], c["gold_before"]) == (12, 30, 50)
@@ -280,7 +280,7 @@ def _big_input():
 
 def test_deterministic_under_a_seed():
     trajectories, gold = _big_input()
-    runs = [postprocess(trajectories, gold, cfg(), W, seed=s) for s in (5, 5, 6)]
+    runs = [postprocess(trajectories, gold, cfg(), seed=s) for s in (5, 5, 6)]
     assert [e.to_dict() for e in runs[0].examples] == [e.to_dict() for e in runs[1].examples]
     assert runs[0].counts == runs[1].counts == runs[2].counts
     assert {e.text for e in runs[0].examples} != {e.text for e in runs[2].examples}
@@ -289,7 +289,7 @@ def test_deterministic_under_a_seed():
 
 def test_kinds_are_mixed_in_the_output():
     trajectories, gold = _big_input()
-    kinds = [e.kind for e in postprocess(trajectories, gold, cfg(), W).examples]
+    kinds = [e.kind for e in postprocess(trajectories, gold, cfg()).examples]
     assert kinds != sorted(kinds, key=("self_improve", "terminal", "gold").index)
 
 
@@ -318,7 +318,7 @@ def test_edited_trajectories_pass_every_filter():
     trajectories = [r.trajectory for r in results]
     assert all(t is not None for t in trajectories)
     gold = [(p, task.gold_rationale(p)) for p in task.generate(60, "train", seed=12)]
-    result = postprocess(trajectories, gold, cfg(), W, seed=0)
+    result = postprocess(trajectories, gold, cfg(), seed=0)
     assert not result.dropped
     assert result.counts["self_improve_before"] == 30 and result.counts["terminal_before"] == 60
     for example in result.examples:

@@ -6,6 +6,7 @@ import pytest
 
 from tripost_ray.config import RolloutConfig
 from tripost_ray.rollout import ROLLOUT_SCHEMA, RolloutError, read_rollouts, run_rollouts
+from tripost_ray.specs import GenerationSpec, TaskSpec
 from tripost_ray.tasks import get_task
 
 pytestmark = pytest.mark.integration
@@ -26,9 +27,13 @@ def _cfg(**kw) -> RolloutConfig:
     return RolloutConfig(**base)
 
 
+def _spec(cfg: RolloutConfig, *, self_improve: bool, temperature: float, seed: int) -> GenerationSpec:
+    return GenerationSpec.build(cfg, TaskSpec(name=TASK), self_improve=self_improve, temperature=temperature, seed=seed)
+
+
 def test_rollouts_write_every_problem_exactly_once(ray_cluster, tiny_model_dir, problems, tmp_path):
     out = str(tmp_path / "rollouts")
-    summary = run_rollouts(problems, tiny_model_dir, TASK, _cfg(), out, self_improve=True, temperature=1.0, seed=3)
+    summary = run_rollouts(problems, tiny_model_dir, _spec(_cfg(), self_improve=True, temperature=1.0, seed=3), out)
     rows = read_rollouts(out)
     assert [r["problem_id"] for r in rows] == sorted(p.id for p in problems)
     assert set(rows[0]) == set(ROLLOUT_SCHEMA.names)
@@ -47,15 +52,15 @@ def test_rollouts_write_every_problem_exactly_once(ray_cluster, tiny_model_dir, 
     # the same seed on one actor (other batches per actor) gives the same outputs;
     # writing to memory:// goes through the same fsspec path
     mem = "memory://rollout-test/one-actor"
-    run_rollouts(problems, tiny_model_dir, TASK, _cfg(min_actors=1, max_actors=1), mem, self_improve=True,
-                 temperature=1.0, seed=3)
+    run_rollouts(problems, tiny_model_dir,
+                 _spec(_cfg(min_actors=1, max_actors=1), self_improve=True, temperature=1.0, seed=3), mem)
     single = read_rollouts(mem)
     assert [(r["problem_id"], r["output"]) for r in single] == [(r["problem_id"], r["output"]) for r in rows]
     assert {r["actor_id"] for r in single} != {r["actor_id"] for r in rows}
 
     # another seed samples other outputs
     other = str(tmp_path / "other")
-    run_rollouts(problems, tiny_model_dir, TASK, _cfg(), other, self_improve=True, temperature=1.0, seed=4)
+    run_rollouts(problems, tiny_model_dir, _spec(_cfg(), self_improve=True, temperature=1.0, seed=4), other)
     assert [r["output"] for r in read_rollouts(other)] != [r["output"] for r in rows]
 
 
@@ -63,7 +68,7 @@ def test_a_dying_actor_is_restarted_and_nothing_is_lost(ray_cluster, tiny_model_
     marker = tmp_path / "actor-died"
     out = str(tmp_path / "rollouts")
     cfg = _cfg(min_actors=1, max_actors=1, max_actor_restarts=2)
-    summary = run_rollouts(problems, tiny_model_dir, TASK, cfg, out, self_improve=False, temperature=0.0, seed=0,
+    summary = run_rollouts(problems, tiny_model_dir, _spec(cfg, self_improve=False, temperature=0.0, seed=0), out,
                            fault_marker=str(marker))
     assert marker.exists(), "the fault hook did not fire: the test would prove nothing"
     rows = read_rollouts(out)
@@ -77,5 +82,27 @@ def test_a_dying_actor_is_restarted_and_nothing_is_lost(ray_cluster, tiny_model_
 
 def test_duplicate_problem_ids_are_rejected_before_any_work(ray_cluster, tiny_model_dir, problems, tmp_path):
     with pytest.raises(RolloutError, match="unique"):
-        run_rollouts(problems + problems[:1], tiny_model_dir, TASK, _cfg(), str(tmp_path / "x"),
-                     self_improve=False, temperature=0.0, seed=0)
+        run_rollouts(problems + problems[:1], tiny_model_dir, _spec(_cfg(), self_improve=False, temperature=0.0, seed=0),
+                     str(tmp_path / "x"))
+
+
+def test_an_actor_loads_the_model_in_the_configured_dtype_from_the_configured_cache(ray_cluster, tiny_model_dir,
+                                                                                   tmp_path):
+    """``model.dtype`` and ``model.cache_dir`` reach the rollout actors (through their spec)."""
+    import ray
+
+    from tripost_ray.config import ModelConfig
+    from tripost_ray.rollout import GeneratorActor
+
+    class Probe(GeneratorActor):
+        def loaded(self) -> tuple[str, str]:
+            return str(next(self.engine.model.parameters()).dtype), str(self.engine.model.name_or_path)
+
+    cache = tmp_path / "model-cache"
+    model = ModelConfig(dtype="bfloat16", cache_dir=str(cache))
+    spec = GenerationSpec.build(_cfg(), TaskSpec(name=TASK), model=model, self_improve=False, temperature=0.0, seed=0)
+    actor = ray.remote(num_cpus=0.25)(Probe).remote(spec, f"local://{tiny_model_dir}")
+    dtype, folder = ray.get(actor.loaded.remote())
+    ray.kill(actor)
+    assert dtype == "torch.bfloat16"
+    assert folder.startswith(str(cache)) and any(cache.rglob("config.json"))

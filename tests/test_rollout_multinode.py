@@ -19,6 +19,7 @@ import pytest
 
 from tripost_ray.config import RolloutConfig
 from tripost_ray.rollout import read_rollouts, run_rollouts
+from tripost_ray.specs import GenerationSpec, TaskSpec
 from tripost_ray.tasks import get_task
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -55,8 +56,8 @@ def test_two_node_rollout_equals_one_node_run(ray_cluster, tiny_model_dir, tmp_p
     assert summary["n_nodes_seen"] == 2 and summary["n_written"] == len(problems)
 
     single_out = str(tmp_path / "single")
-    run_rollouts(problems, tiny_model_dir, "multistep_arithmetic", multinode_cfg(actors=1), single_out,
-                 self_improve=True, temperature=1.0, seed=21)
+    run_rollouts(problems, tiny_model_dir, GenerationSpec.build(multinode_cfg(actors=1), TaskSpec(name="multistep_arithmetic"),
+                                                             self_improve=True, temperature=1.0, seed=21), single_out)
     single = read_rollouts(single_out)
     assert len({r["node_id"] for r in single}) == 1
     keys = ("problem_id", "output", "attempts", "feedbacks", "final_answer", "correct", "generated_tokens", "rounds")

@@ -130,3 +130,18 @@ def test_check_only_runs_nothing_and_refuses_like_a_run(root):
     with pytest.raises(StageNotRun):  # forced: it would recompute, so checking stops there
         Run(root, force=True, check_only=True).stage("a", "h2", lambda url: pytest.fail("ran"))
     assert storage.read_json(storage.join(root, "a", MANIFEST))["config_hash"] == check.manifests["a"]["config_hash"]
+
+
+def test_a_manifest_of_an_older_format_is_refused_in_one_line_and_force_recomputes(root):
+    """Run folders written before stage specs hashed their stages another way: a resume
+    says so (and what to do) instead of comparing incomparable hashes."""
+    Run(root).stage("a", "h1", lambda url: {"v": 1})
+    manifest = storage.join(root, "a", MANIFEST)
+    old = storage.read_json(manifest)
+    del old["format"]
+    storage.write_json(manifest, old)
+    with pytest.raises(StageConfigChanged) as err:
+        Run(root).stage("a", "h1", lambda url: pytest.fail("ran"))
+    assert "written by an older tripost-ray" in str(err.value) and "--force" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert Run(root, force=True).stage("a", "h1", lambda url: {"v": 2})["v"] == 2

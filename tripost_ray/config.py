@@ -9,8 +9,6 @@ before any work starts, with an error that names the field and what is allowed.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -201,7 +199,9 @@ class EditingConfig(Section):
     )
     cache_uri: str | None = Field(None, description="Cache location (fsspec URL); None: <storage.path>/cache.")
     progress: bool = Field(True, description="Show a tqdm progress bar on the driver.")
-    max_usd: float | None = Field(None, ge=0, description="Budget; calls past it end as over_budget.")
+    max_usd: float | None = Field(
+        None, ge=0, description="The job's budget in USD, across passes, iterations and resumes (spent money is read "
+        "from the editing manifests); calls past it end as over_budget.")
     prices: dict[str, Price] = Field(
         default_factory=lambda: {
             "scripted": Price(),
@@ -221,6 +221,7 @@ class EditingConfig(Section):
 class PostprocessConfig(Section):
     """Filters, the split into single-turn examples, and rebalancing."""
 
+    feedback_weight: float = Field(1.5, ge=0, description="w: loss weight of tokens from the first 'Feedback:' on.")
     rebalance_ratio: float = Field(1.5, description="r; <= 0 turns rebalancing off.")
     max_attempt_words: int = Field(512, ge=1)
     max_example_tokens: int = Field(1024, ge=1)
@@ -234,7 +235,6 @@ class PostprocessConfig(Section):
 class TrainConfig(Section):
     """Weighted fine-tuning on Ray Train + DeepSpeed."""
 
-    feedback_weight: float = Field(1.5, ge=0, description="w: loss weight of tokens from the first 'Feedback:' on.")
     epochs: float = Field(4.0, gt=0)
     learning_rate: float = Field(1e-6, gt=0)
     weight_decay: float = Field(0.01, ge=0)
@@ -265,6 +265,14 @@ class TrainConfig(Section):
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     checkpoints_to_keep: int | None = Field(
         2, ge=1, description="Checkpoints kept in storage per run (None: all); the latest is always kept.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "feedback_weight" in data:
+            raise ValueError("feedback_weight moved to postprocess.feedback_weight (post-processing writes the "
+                             "weights into the examples; the trainer only reads them)")
+        return data
 
 
 class SftConfig(Section):
@@ -428,15 +436,6 @@ class JobConfig(Section):
     def to_yaml(self) -> str:
         """The resolved config as YAML (what is printed at start and saved with the run)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-    def section_hash(self, *sections: str, ignore: dict[str, tuple[str, ...]] | None = None) -> str:
-        """A stable hash of some sections, used by stage manifests to detect changed configs;
-        ``ignore`` leaves out fields a stage overrides (section -> field names)."""
-        dumped = self.model_dump(mode="json")
-        payload = {name: dumped[name] for name in sections} if sections else dumped
-        for name, fields in (ignore or {}).items():
-            payload[name] = {k: v for k, v in payload[name].items() if k not in fields}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------ loading

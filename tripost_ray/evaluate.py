@@ -22,7 +22,7 @@ import sys
 import tempfile
 from typing import Any
 
-from tripost_ray.config import EvalConfig, JobConfig, RolloutConfig
+from tripost_ray.specs import GenerationSpec
 
 SEEN_SPLITS = ("train", "test_seen")
 UNSEEN_SPLITS = ("test_unseen",)
@@ -85,34 +85,19 @@ def compute_metrics(records: list[dict]) -> dict[str, Any]:
     }
 
 
-def evaluate_model(
-    model_path: str,
-    task_name: str,
-    problems: list,
-    cfg: JobConfig | tuple[EvalConfig, RolloutConfig],
-    output_uri: str | None = None,
-    task_options: dict | None = None,
-) -> dict[str, Any]:
-    """Greedy self-improving inference on ``problems`` through the rollout stage; metrics.
+def evaluate_model(model_path: str, problems: list, spec: GenerationSpec,
+                   output_uri: str | None = None) -> dict[str, Any]:
+    """Self-improving inference on ``problems`` through the rollout stage; metrics.
 
-    The actor pool comes from the rollout config; batch size, token limit and round
-    limit from the eval config. Outputs go to ``output_uri`` (Parquet) or a temporary
-    folder that is removed afterwards. Returns :func:`compute_metrics` plus ``rollout``
-    (counts, tokens, throughput).
+    ``spec`` is an evaluation's generation (greedy, the eval section's limits:
+    :meth:`tripost_ray.specs.JobSpecs.eval`). Outputs go to ``output_uri`` (Parquet) or a
+    temporary folder that is removed afterwards. Returns :func:`compute_metrics` plus
+    ``rollout`` (counts, tokens, throughput).
     """
     from tripost_ray.rollout import read_rollouts, run_rollouts
 
-    if isinstance(cfg, JobConfig):
-        ev, ro = cfg.eval, cfg.rollout
-        task_options = cfg.task.difficulty if task_options is None else task_options
-    else:
-        ev, ro = cfg
-    ro = ro.model_copy(update={"batch_size": ev.batch_size})
-
     def run(out: str) -> dict[str, Any]:
-        summary = run_rollouts(problems, model_path, task_name, ro, out, self_improve=ev.self_improve_rounds > 0,
-                               temperature=0.0, seed=ro.seed, task_options=task_options,
-                               max_new_tokens=ev.max_new_tokens, max_rounds=ev.self_improve_rounds)
+        summary = run_rollouts(problems, model_path, spec, out)
         metrics = compute_metrics(read_rollouts(out))
         metrics["rollout"] = summary.to_dict()
         return metrics
@@ -147,6 +132,7 @@ def main_eval(args) -> int:
     from tripost_ray.config import load_config
     from tripost_ray.models import ModelSourceError, resolve_model_source
     from tripost_ray.ray_setup import init_ray
+    from tripost_ray.specs import JobSpecs
     from tripost_ray.tasks import ProblemFormatError, UnknownTaskError, get_task, load_problems
 
     from tripost_ray.preflight import check_output_file
@@ -168,13 +154,7 @@ def main_eval(args) -> int:
         print(f"tripost eval: no problems to evaluate ({args.problems or 'generated test splits'})", file=sys.stderr)
         return 2
     init_ray(cfg.ray)
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = cfg.ray.data_progress_bars
-    if cfg.ray.no_progress_timeout_s:
-        ctx.execution_no_progress_timeout_s = cfg.ray.no_progress_timeout_s
-    metrics = evaluate_model(model, task.name, problems, cfg)
+    metrics = evaluate_model(model, problems, JobSpecs(cfg).eval().generation)
     metrics["model"] = args.model
     metrics["task"] = task.name
     metrics["problems"] = args.problems or "generated test splits"

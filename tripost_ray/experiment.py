@@ -21,20 +21,17 @@ the self-improvement metrics, LLM calls, training tokens and time per stage.
 from __future__ import annotations
 
 import logging
-import random
 import statistics
 import time
 from typing import Any
 
 from tripost_ray import storage
 from tripost_ray.config import JobConfig, load_config, set_dotted
-from tripost_ray.pipeline import Job, gold_sft_examples, run_job, setup_logging, token_counter
+from tripost_ray.pipeline import gold_sft_stages, run_job, setup_logging
 from tripost_ray.preflight import check_job
 from tripost_ray.ray_setup import init_ray
 from tripost_ray.runlock import run_lock
-from tripost_ray.report import summarize, write_report
 from tripost_ray.tracking import Tracker, child_config
-from tripost_ray.stages import MANIFEST
 
 log = logging.getLogger("tripost")
 
@@ -77,59 +74,6 @@ def arm_config(cfg: JobConfig, arm: str, seed: int, sft_model: str) -> JobConfig
     return _derived(cfg, f"{arm}-seed{seed}", **updates)
 
 
-# ------------------------------------------------------------------- baseline
-
-
-def gold_rows_for_tokens(job: Job, problems: list, tokens_per_epoch: int, seed: int, count_tokens) -> list[dict]:
-    """Gold-rationale rows (the SFT format) in a seeded order, cycling, until their tokens
-    reach ``tokens_per_epoch``: the baseline's data for one iteration."""
-    rows = gold_sft_examples(job.task, problems)
-    random.Random(seed).shuffle(rows)
-    out, tokens = [], 0
-    while tokens < tokens_per_epoch:
-        row = rows[len(out) % len(rows)]
-        out.append(row)
-        tokens += count_tokens(row["text"]) + 1  # + the EOS the trainer appends
-    return out
-
-
-def run_gold_baseline(cfg: JobConfig, token_targets: list[int], *, force: bool = False) -> dict:
-    """The baseline arm: iteration t trains on gold rationales for ``token_targets[t-1]``
-    training tokens (over ``train.epochs`` epochs), then evaluates."""
-    check_job(cfg)
-    job = Job(cfg, force=force)
-    with run_lock(job.run.root, cfg.storage):
-        return _gold_baseline_stages(job, token_targets)
-
-
-def _gold_baseline_stages(job: Job, token_targets: list[int]) -> dict:
-    cfg = job.cfg
-    storage.write_text_atomic(job.run.url("config.yaml"), cfg.to_yaml())
-    started = time.time()
-    init_ray(cfg.ray)
-    tracker = Tracker(cfg, job.run.root)
-    job.run.on_stage = tracker.on_stage
-    probs = job.problems()
-    model = job.initial_model(probs)
-    model_stage = "model_init"
-    for t, target in enumerate(token_targets, start=1):
-        name = f"iter_{t}/train"
-
-        def body(url: str) -> dict:  # runs inside job.run.stage, before the loop moves on
-            per_epoch = int(target / cfg.train.epochs)
-            rows = gold_rows_for_tokens(job, probs.train, per_epoch, cfg.train.seed + t, token_counter(model))
-            return {**job.train_stage(url, name, rows, model), "n_examples": len(rows), "target_tokens": target}
-
-        config_hash = f"{cfg.section_hash('train')}-{target}"  # a new target is a new stage
-        job.run.stage(name, config_hash, body, inputs=(model_stage, "problems"))
-        model, model_stage = job.run.manifests[name]["model"], name
-        job.evaluate(t, model, probs, model_stage)
-    summary = summarize(job.run.root, wall_s=time.time() - started)
-    write_report(job.run.root, summary)
-    tracker.finish(summary)
-    return summary
-
-
 # --------------------------------------------------------------------- driver
 
 
@@ -148,8 +92,7 @@ def _experiment_runs(cfg: JobConfig, root: str, *, force: bool) -> dict:
     tracker = Tracker(cfg, root)  # the parent MLflow run; every arm and seed is a child run
     log.info("experiment %s: shared SFT model", root)
     sft = run_job(child_config(sft_config(cfg), tracker, arm="sft"), force=force)
-    model_stage = "sft" if cfg.sft.epochs > 0 else "model_init"
-    sft_model = storage.read_json(storage.join(root, "sft", model_stage, MANIFEST))["model"]
+    sft_model = sft["model"]
     summaries: dict[str, dict[int, dict]] = {arm: {} for arm in ARMS}
     for seed in cfg.experiment.seeds:
         log.info("experiment: TriPosT, seed %d", seed)
@@ -160,7 +103,7 @@ def _experiment_runs(cfg: JobConfig, root: str, *, force: bool) -> dict:
                        if it.get("train")]
             log.info("experiment: gold-SFT baseline, seed %d, token targets %s", seed, targets)
             arm = child_config(arm_config(cfg, "gold_sft", seed, sft_model), tracker, arm="gold_sft", seed=seed)
-            summaries["gold_sft"][seed] = run_gold_baseline(arm, targets, force=force)
+            summaries["gold_sft"][seed] = run_job(arm, force=force, stages=gold_sft_stages(targets))
     result = aggregate(sft, summaries, cfg)
     result["wall_s_this_invocation"] = round(time.time() - started, 1)
     write_experiment(root, result)
@@ -186,8 +129,8 @@ def _self_improvement(it: dict, run_root: str) -> dict[str, float | None]:
     from tripost_ray.rollout import read_rollouts
 
     metrics = it.get("metrics") or {}
-    outputs = storage.join(run_root, f"iter_{it['iteration']}", "eval", "outputs")
-    if "self_improvement_by_split" not in metrics and storage.exists(outputs):
+    outputs = (metrics.get("rollout") or {}).get("output_uri")  # where the eval stage wrote them
+    if "self_improvement_by_split" not in metrics and outputs and storage.exists(outputs):
         metrics = compute_metrics(read_rollouts(outputs))
     pooled = metrics.get("self_improvement") or {}
     seen = (metrics.get("self_improvement_by_split") or {}).get("seen") or {}

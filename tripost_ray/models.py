@@ -375,3 +375,14 @@ def load_model_and_tokenizer(path: str, dtype: str = "auto", device: str | None 
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
     return model, tokenizer
+
+
+def token_counter(model: str):
+    """Token counts with the model's own tokenizer (for the 1024-token filter)."""
+    from transformers import AutoTokenizer
+
+    from tripost_ray.storage import local_copy_dir
+
+    with local_copy_dir(model) as local:
+        tok = AutoTokenizer.from_pretrained(local)
+    return lambda text: len(tok(text)["input_ids"])

@@ -17,7 +17,10 @@ Layout of a run (``<storage.path>/<run_name>/``)::
     cache/                          the content-addressed LLM response cache
     report.{json,md,html}
 
-This module only sequences stages; the work of each lives in its own module.
+This module only composes stages: :class:`Job` has one method per stage (its spec from
+:mod:`tripost_ray.specs`, its work in its own module), and :func:`tripost_stages` /
+:func:`gold_sft_stages` put them in order; :func:`run_job` runs a composition with the
+checks, lock, teacher, tracking and report every job gets.
 """
 
 from __future__ import annotations
@@ -25,109 +28,61 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from typing import Callable
 
 from tripost_ray import storage
 from tripost_ray.config import JobConfig, load_config
+from tripost_ray.models import token_counter
 from tripost_ray.ray_setup import init_ray
+from tripost_ray.specs import (EditingOutput, EvalOutput, JobSpecs, ModelInitOutput, PostprocessOutput,
+                               ProblemsOutput, RolloutOutput, StageOutput, StageSpec, TrainOutput)
 from tripost_ray.stages import Run, StageNotRun
-from tripost_ray.tasks import Problem, Task, get_task, load_problems
-from tripost_ray.trajectory import TrainingExample, render_trajectory, Turn
+from tripost_ray.tasks import Problem
+from tripost_ray.tasks.datasets import Problems, gold_rows_for_tokens, gold_sft_examples, make_problems, tokenizer_corpus
 
 log = logging.getLogger("tripost")
 
 #: The environment variable that carries the key of the job's own teacher server.
 TEACHER_KEY_ENV = "TRIPOST_TEACHER_KEY"
-#: Fields of the train section the SFT warm-up does not use (it has its own, or no feedback).
-SFT_OVERRIDDEN_TRAIN_FIELDS = ("learning_rate", "epochs", "feedback_weight")
-
-
-# -------------------------------------------------------------------- problems
-
-
-@dataclass
-class Problems:
-    train: list[Problem]
-    sft: list[Problem]
-    test: list[Problem]
-
-
-def make_problems(task: Task, cfg: JobConfig) -> Problems:
-    """Generate (or load) the problems of a job; deterministic under ``task.seed``."""
-    tc = cfg.task
-    # the SFT pool (a superset of the train problems) also supplies the gold examples of
-    # rebalancing, so it exists even when the warm-up is skipped (a model fine-tuned
-    # elsewhere): drawn only from the train problems, most gold examples would duplicate
-    # terminal examples and be dropped
-    n_gen = max(tc.n_train, cfg.sft.n_examples)
-    if tc.train_file:
-        pool = load_problems(task, tc.train_file, split="train")
-    else:
-        pool = task.generate(n_gen, "train", seed=tc.seed)
-    if tc.test_file:
-        test = load_problems(task, tc.test_file, split="test_seen")
-    else:
-        test = task.generate(tc.n_test_seen, "test_seen", seed=tc.seed) + task.generate(
-            tc.n_test_unseen, "test_unseen", seed=tc.seed
-        )
-    return Problems(train=pool[: tc.n_train], sft=pool[: cfg.sft.n_examples], test=test)
-
-
-def tokenizer_corpus(task: Task, problems: list[Problem], n_trajectories: int = 200, seed: int = 0) -> list[str]:
-    """Text a tiny model's tokenizer is trained on: prompts, gold rationales, and whole
-    self-improvement trajectories (a corrupted attempt, its scripted feedback, the update,
-    the all-correct feedback), so the words of feedback sentences are single tokens too.
-    Without them the model has to learn "Feedback" letter by letter in iteration 1."""
-    import random
-
-    from tripost_ray.feedback.synthetic import corrupt_numbers
-
-    rng = random.Random(seed)
-    corpus = [task.prompt(p) for p in problems] + [task.gold_rationale(p) for p in problems]
-    for p in problems[:n_trajectories]:
-        gold = task.gold_rationale(p)
-        wrong = corrupt_numbers(gold, rng)
-        fb = task.verify(p, wrong)
-        fixed = task.improve(p, wrong, fb)
-        turns = [Turn(wrong, fb.text), Turn(fixed, task.verify(p, fixed).text)]
-        corpus.append(render_trajectory(p.question, turns))
-    return corpus
-
-
-def gold_sft_examples(task: Task, problems: list[Problem]) -> list[dict]:
-    """Gold rationales without feedback, all tokens weight 1 (the SFT warm-up data)."""
-    rows = []
-    for p in problems:
-        text = render_trajectory(p.question, [Turn(task.gold_rationale(p))])
-        rows.append(TrainingExample(text=text, spans=((0, len(text), 1.0),), kind="gold", problem_id=p.id).to_dict())
-    return rows
-
-
-# ----------------------------------------------------------------------- stages
 
 
 class Job:
-    """One invocation of a TriPosT run; every public step is a resumable stage."""
+    """One invocation of a TriPosT run; every public step is a resumable stage.
+
+    Each stage gets its typed spec from :class:`~tripost_ray.specs.JobSpecs` (its hash is
+    the spec's) and returns its typed output, which is what its manifest holds.
+    """
 
     def __init__(self, cfg: JobConfig, *, force: bool = False):
         self.cfg = cfg
-        self.task = get_task(cfg.task.name, **cfg.task.difficulty)
+        self.specs = JobSpecs(cfg)
+        self.task = self.specs.task.build()
         self.run = Run(storage.join(storage.normalize(cfg.storage.path), cfg.run_name), force=force)
 
-    # -- helpers
-    def _stage(self, name: str, sections: tuple[str, ...], body, inputs: tuple[str, ...] = ()) -> dict:
-        return self.run.stage(name, self.cfg.section_hash(*sections), body, inputs=inputs)
+    def _stage(self, name: str, spec: StageSpec, body: Callable[[str], StageOutput], produces: type[StageOutput],
+               inputs: tuple[str, ...] = ()):
+        # unset optional fields stay out of the manifest (readers test for keys, e.g. report.summarize)
+        manifest = self.run.stage(name, spec.config_hash(), lambda url: body(url).model_dump(exclude_none=True),
+                                  inputs=inputs)
+        return produces.model_validate(manifest)
+
+    def output(self, name: str, produces: type[StageOutput]):
+        """The typed output of a stage that has run (or was found finished)."""
+        return produces.model_validate(self.run.manifests[name])
 
     # -- the job
     def problems(self) -> Problems:
-        def body(url: str) -> dict:
-            probs = make_problems(self.task, self.cfg)
+        spec = self.specs.problems()
+
+        def body(url: str) -> ProblemsOutput:
+            probs = make_problems(self.task, spec.task, spec.n_sft)
             for split_name in ("train", "sft", "test"):
                 storage.write_table(storage.join(url, f"{split_name}.parquet"), [p.to_dict() for p in getattr(probs, split_name)])
-            return {"counts": {k: len(getattr(probs, k)) for k in ("train", "sft", "test")}}
+            return ProblemsOutput(counts={k: len(getattr(probs, k)) for k in ("train", "sft", "test")})
 
-        self._stage("problems", ("task", "sft"), body)
+        self._stage("problems", spec, body, ProblemsOutput)
         url = self.run.url("problems")
         load = lambda name: [Problem.from_dict(r) for r in storage.read_table(storage.join(url, f"{name}.parquet"))]
         return Problems(train=load("train"), sft=load("sft"), test=load("test"))
@@ -135,162 +90,175 @@ class Job:
     def initial_model(self, probs: Problems) -> str:
         from tripost_ray.models import prepare_model
 
-        def body(url: str) -> dict:
+        spec = self.specs.model_init()
+
+        def body(url: str) -> ModelInitOutput:
             corpus = tokenizer_corpus(self.task, probs.sft) + [self.task.prompt(p) for p in probs.test]
             out = storage.join(url, "model")
-            self._save_model(lambda local: prepare_model(self.cfg.model.source, self.cfg.model.tiny,
-                                                         self.cfg.model.cache_dir, corpus=corpus, out_dir=local), out)
-            return {"model": out, "source": self.cfg.model.source}
+            with tempfile.TemporaryDirectory(prefix="tripost-model-") as tmp:
+                prepare_model(spec.source, spec.tiny, spec.cache_dir, corpus=corpus, out_dir=tmp)
+                storage.publish_dir(tmp, out)
+            return ModelInitOutput(model=out, source=spec.source)
 
-        return self._stage("model_init", ("model",), body, inputs=("problems",))["model"]
-
-    def _save_model(self, build, url: str) -> None:
-        """Build a model into a local folder, then publish it at ``url``."""
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="tripost-model-") as tmp:
-            build(tmp)
-            storage.publish_dir(tmp, url)
+        return self._stage("model_init", spec, body, ModelInitOutput, inputs=("problems",)).model
 
     def sft(self, probs: Problems, model: str) -> tuple[str, str]:
         """Gold-rationale warm-up; returns (model, stage name)."""
         if self.cfg.sft.epochs <= 0:
             return model, "model_init"
-        def body(url: str) -> dict:
-            return self.train_stage(url, "sft", gold_sft_examples(self.task, probs.sft), model,
-                                    learning_rate=self.cfg.sft.learning_rate, epochs=self.cfg.sft.epochs)
+        spec = self.specs.sft()
+        body = lambda url: self.train_stage(url, "sft", spec, gold_sft_examples(self.task, probs.sft), model)
+        return self._stage("sft", spec, body, TrainOutput, inputs=("model_init",)).model, "sft"
 
-        # the warm-up brings its own epochs and learning rate and has no feedback tokens:
-        # retuning those for the iterations must not invalidate it
-        config_hash = self.cfg.section_hash("sft", "train", ignore={"train": SFT_OVERRIDDEN_TRAIN_FIELDS})
-        return self.run.stage("sft", config_hash, body, inputs=("model_init",))["model"], "sft"
-
-    def train_stage(self, url: str, stage: str, examples, model: str, **overrides) -> dict:
+    def train_stage(self, url: str, stage: str, spec, examples, model: str, **extra) -> TrainOutput:
         """Train into ``<url>/model``; the per-step history goes to ``<url>/history.json``.
 
-        The Ray Train run is named after the stage and its config hash: a stage killed
+        The Ray Train run is named after the stage and its spec's hash: a stage killed
         midway resumes its own checkpoints, while a changed config starts a fresh run.
         """
         from tripost_ray.training import train
 
-        run_name = f"{self.cfg.run_name}-{stage.replace('/', '-')}-{self.cfg.section_hash('train', 'sft')[:8]}"
-        result = train(examples, model, storage.join(url, "model"), self.cfg.train, run_name=run_name,
-                       storage_path=self.run.url("ray_train"), **overrides).to_dict()
+        run_name = f"{self.cfg.run_name}-{stage.replace('/', '-')}-{spec.config_hash()[:8]}"
+        result = train(examples, model, storage.join(url, "model"), spec.train, run_name=run_name,
+                       storage_path=self.run.url("ray_train")).to_dict()
         storage.write_json(storage.join(url, "history.json"), result.pop("history"))
-        return {"model": storage.join(url, "model"), "train": result}
+        return TrainOutput(model=storage.join(url, "model"), train=result, **extra)
 
-    def evaluate(self, t: int, model: str, probs: Problems, model_stage: str) -> dict:
+    def evaluate(self, t: int, model: str, probs: Problems, model_stage: str) -> EvalOutput:
         """Metrics on the test splits, plus one entry under ``extra`` per ``eval.extra_sets``."""
         from tripost_ray.evaluate import evaluate_model
+        from tripost_ray.specs import TaskSpec
 
-        def body(url: str) -> dict:
-            metrics = evaluate_model(model, self.cfg.task.name, probs.test, self.cfg,
-                                     output_uri=storage.join(url, "outputs"))
+        spec = self.specs.eval()
+
+        def body(url: str) -> EvalOutput:
+            metrics = evaluate_model(model, probs.test, spec.generation, output_uri=storage.join(url, "outputs"))
             extra = {}
-            for name, options in self.cfg.eval.extra_sets.items():
-                task_options = {**self.cfg.task.difficulty, **options}
-                problems = get_task(self.cfg.task.name, **task_options).generate(
-                    self.cfg.eval.n_extra, "test_seen", seed=self.cfg.task.seed)
-                extra[name] = evaluate_model(model, self.cfg.task.name, problems, self.cfg,
-                                             output_uri=storage.join(url, f"outputs_{name}"),
-                                             task_options=task_options)
-            return {"metrics": metrics, **({"extra": extra} if extra else {})}
+            for name, options in spec.eval.extra_sets.items():
+                task = TaskSpec(name=spec.generation.task.name, options={**spec.generation.task.options, **options})
+                problems = task.build().generate(spec.eval.n_extra, "test_seen", seed=spec.task_seed)
+                extra[name] = evaluate_model(model, problems, spec.generation.model_copy(update={"task": task}),
+                                             output_uri=storage.join(url, f"outputs_{name}"))
+            return EvalOutput(metrics=metrics, extra=extra or None)
 
-        return self._stage(f"iter_{t}/eval", ("eval", "rollout"), body, inputs=(model_stage, "problems"))
+        return self._stage(f"iter_{t}/eval", spec, body, EvalOutput, inputs=(model_stage, "problems"))
 
     def rollouts(self, t: int, p: int, model: str, probs: Problems, model_stage: str) -> str:
         from tripost_ray.rollout import run_rollouts
 
         name = f"iter_{t}/pass_{p}/rollouts"
+        spec = self.specs.rollouts(t, p)
 
-        def body(url: str) -> dict:
+        def body(url: str) -> RolloutOutput:
             out = storage.join(url, "data")
-            summary = run_rollouts(
-                probs.train, model, self.cfg.task.name, self.cfg.rollout, out,
-                self_improve=t > 1, temperature=self.cfg.rollout.temperature,
-                seed=self.cfg.rollout.seed + 1000 * t + p, task_options=self.cfg.task.difficulty,
-            )
-            return {"data": out, "summary": summary.to_dict()}
+            return RolloutOutput(data=out, summary=run_rollouts(probs.train, model, spec, out).to_dict())
 
-        self._stage(name, ("rollout",), body, inputs=(model_stage, "problems"))
+        self._stage(name, spec, body, RolloutOutput, inputs=(model_stage, "problems"))
         return name
 
     def editing(self, t: int, p: int, rollout_stage: str) -> str:
+        """FBK/IMP on one pass's rollouts, with what is left of the job's budget."""
         from tripost_ray.feedback.pool import run_editing
 
         name = f"iter_{t}/pass_{p}/editing"
+        spec = self.specs.editing()
 
-        def body(url: str) -> dict:
-            rows = storage.read_table(self.run.manifests[rollout_stage]["data"])
-            summary = run_editing(rows, self.cfg.task.name, self.cfg, url, cache_uri=self.run.url("cache"),
-                                  task_options=self.cfg.task.difficulty)
+        def body(url: str) -> EditingOutput:
+            rows = storage.read_table(self.output(rollout_stage, RolloutOutput).data)
+            budget = self.budget_left()
+            summary = run_editing(rows, spec, url, cache_uri=self.editing_cache(), budget_usd=budget)
             print(summary.table())
-            return {"out": url, "summary": summary.to_dict()}
+            return EditingOutput(out=url, summary=summary.to_dict(), budget_usd=budget)
 
-        self._stage(name, ("feedback", "improve", "editing"), body, inputs=(rollout_stage,))
+        self._stage(name, spec, body, EditingOutput, inputs=(rollout_stage,))
         return name
+
+    def editing_cache(self) -> str | None:
+        """The response cache: ``editing.cache_uri``, else the run's own ``cache/`` (None when off)."""
+        editing = self.cfg.editing
+        return (editing.cache_uri or self.run.url("cache")) if editing.cache else None
+
+    def budget_left(self) -> float | None:
+        """``editing.max_usd`` minus what every editing stage of this run has spent so far
+        (finished stages of earlier invocations included: the budget is the job's)."""
+        if self.cfg.editing.max_usd is None:
+            return None
+        spent = sum(EditingOutput.model_validate(m).cost_usd for name, m in self.run.manifests.items()
+                    if name.endswith("/editing"))
+        return max(0.0, self.cfg.editing.max_usd - spent)
 
     def postprocess(self, t: int, editing_stages: list[str], probs: Problems, model: str) -> str:
         from tripost_ray.feedback.pool import read_trajectories
         from tripost_ray.postprocess import postprocess
 
         name = f"iter_{t}/postprocess"
+        spec = self.specs.postprocess(t)
 
-        def body(url: str) -> dict:
-            trajectories = [t for stage in editing_stages for t in read_trajectories(self.run.manifests[stage]["out"])]
+        def body(url: str) -> PostprocessOutput:
+            trajectories = [tr for stage in editing_stages
+                            for tr in read_trajectories(self.output(stage, EditingOutput).out)]
             # Gold rationales come from the larger SFT pool (a superset of the train problems):
             # the terminal examples of edited trajectories already repeat most train golds.
             gold = [(pr, self.task.gold_rationale(pr)) for pr in (probs.sft or probs.train)]
-            count_tokens = token_counter(model)
-            result = postprocess(trajectories, gold, self.cfg.postprocess, self.cfg.train.feedback_weight,
-                                 count_tokens, seed=self.cfg.postprocess.seed + t)
+            result = postprocess(trajectories, gold, spec.postprocess, token_counter(model), seed=spec.seed)
             out = storage.join(url, "train.parquet")
             storage.write_table(out, [e.to_dict() for e in result.examples])
-            return {"data": out, "n_examples": len(result.examples), "dropped": dict(result.dropped),
-                    "counts": dict(result.counts), "n_trajectories": len(trajectories)}
+            return PostprocessOutput(data=out, n_examples=len(result.examples), dropped=dict(result.dropped),
+                                     counts=dict(result.counts), n_trajectories=len(trajectories))
 
-        self._stage(name, ("postprocess", "train"), body, inputs=("problems", *editing_stages))
+        self._stage(name, spec, body, PostprocessOutput, inputs=("problems", *editing_stages))
         return name
 
     def train_iteration(self, t: int, model: str, pp_stage: str, model_stage: str) -> str:
         name = f"iter_{t}/train"
+        spec = self.specs.train()
+        body = lambda url: self.train_stage(url, name, spec, self.output(pp_stage, PostprocessOutput).data, model)
+        self._stage(name, spec, body, TrainOutput, inputs=(pp_stage, model_stage))
+        return name
 
-        def body(url: str) -> dict:
-            return self.train_stage(url, name, self.run.manifests[pp_stage]["data"], model)
+    def gold_train_iteration(self, t: int, target_tokens: int, model: str, probs: Problems, model_stage: str) -> str:
+        """The gold-SFT baseline's iteration ``t``: gold rationales of the train problems for
+        ``target_tokens`` training tokens (over ``train.epochs`` epochs)."""
+        name = f"iter_{t}/train"
+        spec = self.specs.train(target_tokens=target_tokens)
 
-        self._stage(name, ("train",), body, inputs=(pp_stage, model_stage))
+        def body(url: str) -> TrainOutput:
+            per_epoch = int(target_tokens / spec.train.epochs)
+            rows = gold_rows_for_tokens(self.task, probs.train, per_epoch, spec.train.seed + t, token_counter(model))
+            return self.train_stage(url, name, spec, rows, model, n_examples=len(rows), target_tokens=target_tokens)
+
+        self._stage(name, spec, body, TrainOutput, inputs=(model_stage, "problems"))
         return name
 
     def usable_trajectories(self, editing_stages: list[str]) -> int:
-        return sum(int(self.run.manifests[s]["summary"]["trajectories"]) for s in editing_stages)
+        return sum(self.output(s, EditingOutput).trajectories for s in editing_stages)
 
-
-def token_counter(model: str):
-    """Token counts with the model's own tokenizer (for the 1024-token filter)."""
-    from transformers import AutoTokenizer
-
-    with storage.local_copy_dir(model) as local:
-        tok = AutoTokenizer.from_pretrained(local)
-    return lambda text: len(tok(text)["input_ids"])
+    def final_model(self) -> str:
+        """The model of the latest stage that trained one (or the starting model)."""
+        names = [n for n in self.run.manifests if n in ("model_init", "sft") or n.endswith("/train")]
+        return self.output(names[-1], TrainOutput if names[-1] != "model_init" else ModelInitOutput).model
 
 
 # --------------------------------------------------------------------- the job
 
 
-def run_job(cfg: JobConfig, *, force: bool = False) -> dict:
-    """Run (or resume) a whole TriPosT job; returns the run summary.
+def run_job(cfg: JobConfig, *, force: bool = False, stages: Callable[[Job], None] | None = None) -> dict:
+    """Run (or resume) a whole job; returns the run summary.
 
-    Everything a run needs is checked before any work (:func:`~tripost_ray.preflight.check_job`),
-    the run folder is locked while the run writes it, and the stages already on disk are
+    ``stages`` composes the job's stages (default: TriPosT, :func:`tripost_stages`; the
+    experiment's baseline arm passes its own composition of the same stages). Everything a
+    run needs is checked before any work (:func:`~tripost_ray.preflight.check_job`), the
+    run folder is locked while the run writes it, and the stages already on disk are
     checked before the first write: a run refused for a changed config or a damaged stage
-    leaves its folder as it found it.
+    leaves its folder as it found it. The summary's ``model`` is the last model trained.
     """
+    from tripost_ray.metrics import metrics_endpoints
     from tripost_ray.preflight import check_job
     from tripost_ray.report import summarize, write_report
-    from tripost_ray.metrics import metrics_endpoints
     from tripost_ray.runlock import run_lock
     from tripost_ray.tracking import Tracker
 
+    stages = stages or tripost_stages
     check_job(cfg)
     job = Job(cfg, force=force)
     with run_lock(job.run.root, cfg.storage):
@@ -300,20 +268,17 @@ def run_job(cfg: JobConfig, *, force: bool = False) -> dict:
         teacher = _start_teacher_if_enabled(cfg, job.run.root)
         tracker = None
         try:
-            from tripost_ray.feedback.providers import check_credentials
-
-            check_credentials(cfg)
             check = Job(cfg, force=force)
             check.run.check_only = True
             try:
-                _run_stages(check)
+                stages(check)
             except StageNotRun:
                 pass
             # from here on the run writes: a refused run (above) leaves its folder untouched
             storage.write_text_atomic(job.run.url("config.yaml"), cfg.to_yaml())
             tracker = Tracker(cfg, job.run.root)
             job.run.on_stage = tracker.on_stage
-            _run_stages(job)
+            stages(job)
         except BaseException:
             if tracker is not None:
                 tracker.finish(None, status="FAILED")
@@ -322,13 +287,15 @@ def run_job(cfg: JobConfig, *, force: bool = False) -> dict:
             if teacher is not None:
                 teacher()
         summary = summarize(job.run.root, wall_s=time.time() - started)
+        summary["model"] = job.final_model()
         write_report(job.run.root, summary)
         tracker.finish(summary)
     return summary
 
 
-def _run_stages(job: Job) -> None:
-    """The stages of a job in order (each skipped when already complete)."""
+def tripost_stages(job: Job) -> None:
+    """TriPosT: problems, model, SFT, then per iteration rollouts and editing (in passes
+    until enough trajectories), post-processing, training and evaluation."""
     cfg = job.cfg
     probs = job.problems()
     model = job.initial_model(probs)
@@ -344,15 +311,30 @@ def _run_stages(job: Job) -> None:
             if target is None or job.usable_trajectories(editing_stages) >= target:
                 break
         pp = job.postprocess(t, editing_stages, probs, model)
-        n_examples = job.run.manifests[pp]["n_examples"]
+        n_examples = job.output(pp, PostprocessOutput).n_examples
         if n_examples == 0 or n_examples < cfg.postprocess.min_new_examples:
             log.warning("iteration %d yielded %d examples (< postprocess.min_new_examples=%d): stopping early",
                         t, n_examples, cfg.postprocess.min_new_examples)
             break
         trained = job.train_iteration(t, model, pp, model_stage)
-        model, model_stage = job.run.manifests[trained]["model"], trained
+        model, model_stage = job.output(trained, TrainOutput).model, trained
         if cfg.eval.every_iteration or t == cfg.iterations:
             job.evaluate(t, model, probs, model_stage)
+
+
+def gold_sft_stages(token_targets: list[int]) -> Callable[[Job], None]:
+    """The gold-SFT baseline: problems and model as TriPosT's, then per iteration ``t`` gold
+    rationales for ``token_targets[t-1]`` training tokens, and the same evaluation."""
+
+    def stages(job: Job) -> None:
+        probs = job.problems()
+        model, model_stage = job.initial_model(probs), "model_init"
+        for t, target in enumerate(token_targets, start=1):
+            model_stage = job.gold_train_iteration(t, target, model, probs, model_stage)
+            model = job.output(model_stage, TrainOutput).model
+            job.evaluate(t, model, probs, model_stage)
+
+    return stages
 
 
 def _start_teacher_if_enabled(cfg: JobConfig, run_root: str):

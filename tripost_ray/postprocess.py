@@ -192,12 +192,12 @@ def postprocess(
     trajectories: list[Trajectory],
     gold: list[tuple[Problem, str]],
     cfg: PostprocessConfig,
-    feedback_weight: float,
     count_tokens: Callable[[str], int] | None = None,
     *,
     seed: int = 0,
 ) -> PostprocessResult:
-    """Filter, split, deduplicate and rebalance one iteration's trajectories.
+    """Filter, split, deduplicate and rebalance one iteration's trajectories into examples
+    weighted with ``cfg.feedback_weight``.
 
     ``gold`` holds (problem, gold rationale) pairs to draw gold examples from.
     ``count_tokens`` measures an example for ``max_example_tokens``; without one,
@@ -213,7 +213,7 @@ def postprocess(
             dropped[problem] += 1
             continue
         kept_trajectories += 1
-        examples = split_trajectory(traj, feedback_weight)
+        examples = split_trajectory(traj, cfg.feedback_weight)
         bad_improvement += len(examples) if traj.kind == "bad_improvement" else 0
         candidates += examples
     counts["trajectories_kept"] = kept_trajectories
@@ -225,7 +225,7 @@ def postprocess(
         elif _words(rationale) > cfg.max_attempt_words:
             dropped["attempt_too_long"] += 1
         else:
-            candidates.append(gold_example(problem, rationale, feedback_weight))
+            candidates.append(gold_example(problem, rationale, cfg.feedback_weight))
 
     measure = count_tokens or _words
     seen: set[str] = set()

@@ -1,4 +1,11 @@
-"""Joining or starting Ray, the same way for every entry point (run, eval, benchmarks)."""
+"""Joining or starting Ray: the one place the package calls ``ray.init``.
+
+Entry points (``tripost run``, ``experiment``, ``eval``, ``serve``) call :func:`init_ray`
+with the job's ``ray`` section; library functions that need Ray (the trainer, the teacher)
+call it without one, which uses a running Ray as it is and otherwise starts a local Ray
+with the defaults. Stages that are only ever run by an entry point (rollouts, editing)
+require a running Ray instead of starting one behind the caller's back.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,8 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     import ray
     from ray.data import DataContext
 
+    if cfg is None and ray.is_initialized():
+        return  # a library call under a running Ray: the entry point has configured it
     cfg = cfg or RayConfig()
     # Serve marks its HTTP proxy dead if it is not ready within 5 s, which a busy 2-core
     # machine misses; a local cluster started here inherits this more patient limit.

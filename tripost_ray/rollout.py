@@ -1,6 +1,6 @@
 """The rollout stage: the small model answers many problems on a Ray Data actor pool.
 
-    problems --from_items--> map_batches(GeneratorActor, ActorPoolStrategy(min, max))
+    problems --from_arrow--> map_batches(GeneratorActor, ActorPoolStrategy(min, max))
              --iter_batches (driver)--> Parquet parts on any fsspec URL
 
 Each actor loads the model once (a GPU each where ``num_gpus_per_actor`` > 0, else a
@@ -32,8 +32,8 @@ from typing import Any
 import pyarrow as pa
 
 from tripost_ray import storage
-from tripost_ray.config import ModelConfig, RolloutConfig
 from tripost_ray.metrics import record_rollout_batch
+from tripost_ray.specs import ActorPoolSpec, GenerationSpec
 from tripost_ray.tasks.base import Problem
 
 ROLLOUT_SCHEMA = pa.schema([
@@ -96,32 +96,29 @@ class RolloutSummary:
 
 
 class GeneratorActor:
-    """A Ray Data UDF class: loads the model once, answers batches of problems.
+    """A Ray Data UDF class: loads the model once (in the spec's dtype, from its cache),
+    answers batches of problems with the spec's decoding.
 
     ``fault_marker`` is a test hook for Ray's fault tolerance: when set and the file does
     not exist yet, the actor creates it and kills its own process on its first batch, so
     Ray Data must restart the actor and retry that batch.
     """
 
-    def __init__(self, model_path: str, task_name: str, task_options: dict | None, *, cache_dir: str,
-                 dtype: str, torch_threads: int | None, batch_size: int, max_new_tokens: int, max_rounds: int,
-                 self_improve: bool, temperature: float, top_p: float, seed: int, use_gpu: bool,
-                 fault_marker: str | None = None):
+    def __init__(self, spec: GenerationSpec, model_path: str, fault_marker: str | None = None):
         import ray
         import torch
 
         from tripost_ray.generation import HFGenerationEngine
         from tripost_ray.models import load_model_and_tokenizer, resolve_model_source
-        from tripost_ray.tasks import get_task
 
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
-        local = resolve_model_source(model_path, cache_dir)
-        model, tokenizer = load_model_and_tokenizer(local, dtype=dtype, device="cuda" if use_gpu else "cpu")
-        self.engine = HFGenerationEngine(model, tokenizer, batch_size=batch_size)
-        self.task = get_task(task_name, **(task_options or {}))
-        self.kw = dict(max_new_tokens=max_new_tokens, max_rounds=max_rounds, temperature=temperature, top_p=top_p,
-                       seed=seed, self_improve=self_improve)
+        use_gpu = spec.pool.num_gpus_per_actor > 0
+        if not use_gpu:
+            torch.set_num_threads(torch_threads_for(spec.pool))
+        local = resolve_model_source(model_path, spec.cache_dir)
+        model, tokenizer = load_model_and_tokenizer(local, dtype=spec.dtype, device="cuda" if use_gpu else "cpu")
+        self.engine = HFGenerationEngine(model, tokenizer, batch_size=spec.batch_size)
+        self.task = spec.task.build()
+        self.spec = spec
         ctx = ray.get_runtime_context()
         self.node_id = ctx.get_node_id()
         self.actor_id = ctx.get_actor_id() or f"pid-{os.getpid()}"
@@ -143,7 +140,10 @@ class GeneratorActor:
                                        batch["meta_json"])
         ]
         started = time.time()
-        results = self_improving_inference(self.engine, self.task, problems, **self.kw)
+        spec = self.spec
+        results = self_improving_inference(self.engine, self.task, problems, max_new_tokens=spec.max_new_tokens,
+                                           max_rounds=spec.max_rounds, temperature=spec.temperature, top_p=spec.top_p,
+                                           seed=spec.seed, self_improve=spec.self_improve)
         finished = time.time()
         rows = []
         for p, r in zip(problems, results):
@@ -154,19 +154,19 @@ class GeneratorActor:
                 "n_turns": r.n_turns, "first_answer": r.first_answer, "final_answer": r.final_answer,
                 "first_correct": r.first_correct, "correct": r.correct, "stop_reason": r.stop_reason,
                 "rounds": r.rounds, "prompt_tokens": r.prompt_tokens, "generated_tokens": r.generated_tokens,
-                "gen_time_s": r.gen_time_s, "self_improve": self.kw["self_improve"],
-                "temperature": float(self.kw["temperature"]), "seed": int(self.kw["seed"]),
+                "gen_time_s": r.gen_time_s, "self_improve": spec.self_improve,
+                "temperature": float(spec.temperature), "seed": int(spec.seed),
                 "node_id": self.node_id, "actor_id": self.actor_id,
                 "batch_started_at": started, "batch_finished_at": finished,
             })
-        record_rollout_batch(rows, self.kw["self_improve"])
+        record_rollout_batch(rows, spec.self_improve)
         return pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA)
 
 
 # --------------------------------------------------------------------- stage
 
 
-def torch_threads_for(cfg: RolloutConfig) -> int:
+def torch_threads_for(cfg: ActorPoolSpec) -> int:
     """Intra-op threads per actor: the configured number, or this machine's cores / actors."""
     if cfg.torch_threads_per_actor:
         return cfg.torch_threads_per_actor
@@ -182,58 +182,29 @@ def _problem_items(problems: list[Problem]) -> list[dict]:
              "meta_json": json.dumps(p.meta, sort_keys=True, default=str)} for p in problems]
 
 
-def run_rollouts(
-    problems: list[Problem],
-    model_path: str,
-    task_name: str,
-    cfg: RolloutConfig,
-    output_uri: str,
-    *,
-    self_improve: bool,
-    temperature: float,
-    seed: int,
-    task_options: dict | None = None,
-    max_new_tokens: int | None = None,
-    max_rounds: int | None = None,
-    cache_dir: str | None = None,
-    dtype: str = "auto",
-    fault_marker: str | None = None,
-) -> RolloutSummary:
+def run_rollouts(problems: list[Problem], model_path: str, spec: GenerationSpec, output_uri: str, *,
+                 fault_marker: str | None = None) -> RolloutSummary:
     """Generate for every problem on a Ray Data actor pool; write Parquet to ``output_uri``.
 
-    ``model_path`` is a local model folder or an fsspec URL (each actor copies it to its
-    node's cache). ``max_new_tokens`` / ``max_rounds`` default to ``cfg``'s. Existing
-    contents of ``output_uri`` are replaced. Raises :class:`RolloutError` if any problem
-    is missing or duplicated in the output.
+    ``model_path`` is a local model folder or an fsspec URL (each actor copies it to
+    ``spec.cache_dir`` on its node). Existing contents of ``output_uri`` are replaced.
+    Raises :class:`RolloutError` if any problem is missing or duplicated in the output.
     """
     import ray
 
     if not ray.is_initialized():
-        raise RolloutError("Ray is not initialised: call ray.init() (or tripost_ray.ray_setup.init_ray) first")
+        raise RolloutError("Ray is not initialised: call tripost_ray.ray_setup.init_ray() first")
     items = _problem_items(problems)
     output_uri = storage.normalize(output_uri)
     storage.remove(output_uri)
     if not items:
         return _summary([], 0, 0.0, output_uri)
-    use_gpu = cfg.num_gpus_per_actor > 0
-    # Ray 2.60 deprecates **ray_remote_args but has no named parameter for actor restarts
-    # yet; its default is unlimited restarts, which turns a crash loop into a hang.
-    remote_args: dict[str, Any] = {"max_restarts": cfg.max_actor_restarts, "max_task_retries": cfg.max_actor_restarts}
     # One block per batch, cut in problem order: every batch holds the same problems whatever
     # actor, node or machine load runs it (the exact promise of tripost_ray.generation).
-    ds = ray.data.from_arrow([pa.Table.from_pylist(items[i:i + cfg.batch_size])
-                              for i in range(0, len(items), cfg.batch_size)])
-    ds.context.wait_for_min_actors_s = cfg.wait_for_actors_s or -1
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = _map_generators(ds, cfg, remote_args, model_path, task_name, task_options, dict(
-            cache_dir=cache_dir or ModelConfig.model_fields["cache_dir"].default, dtype=dtype,
-            torch_threads=None if use_gpu else torch_threads_for(cfg), batch_size=cfg.batch_size,
-            max_new_tokens=max_new_tokens or cfg.max_new_tokens,
-            max_rounds=cfg.self_improve_rounds if max_rounds is None else max_rounds,
-            self_improve=self_improve, temperature=temperature, top_p=cfg.top_p, seed=seed, use_gpu=use_gpu,
-            fault_marker=fault_marker,
-        ))
+    ds = ray.data.from_arrow([pa.Table.from_pylist(items[i:i + spec.batch_size])
+                              for i in range(0, len(items), spec.batch_size)])
+    ds.context.wait_for_min_actors_s = spec.pool.wait_for_actors_s or -1
+    ds = _map_generators(ds, spec, model_path, fault_marker)
     t0 = time.perf_counter()
     rows: list[dict] = []
     for part, table in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
@@ -248,24 +219,28 @@ def run_rollouts(
     return _summary(rows, len(items), wall, output_uri)
 
 
-def _map_generators(ds, cfg: RolloutConfig, remote_args: dict, model_path: str, task_name: str,
-                    task_options: dict | None, actor_kwargs: dict):
+def _map_generators(ds, spec: GenerationSpec, model_path: str, fault_marker: str | None):
     import ray
 
-    use_gpu = cfg.num_gpus_per_actor > 0
-    return ds.map_batches(
-        GeneratorActor,
-        fn_constructor_args=(model_path, task_name, task_options or {}),
-        fn_constructor_kwargs=actor_kwargs,
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors,
-                                           max_tasks_in_flight_per_actor=cfg.max_tasks_in_flight_per_actor),
-        num_gpus=cfg.num_gpus_per_actor if use_gpu else None,
-        num_cpus=cfg.num_cpus_per_actor,
-        resources=dict(cfg.resources_per_actor) or None,
-        **remote_args,
-    )
+    pool = spec.pool
+    use_gpu = pool.num_gpus_per_actor > 0
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates **ray_remote_args but has no named parameter for actor restarts
+        # yet; its default is unlimited restarts, which turns a crash loop into a hang.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(
+            GeneratorActor,
+            fn_constructor_args=(spec, model_path, fault_marker),
+            batch_size=spec.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors,
+                                               max_tasks_in_flight_per_actor=pool.max_tasks_in_flight_per_actor),
+            num_gpus=pool.num_gpus_per_actor if use_gpu else None,
+            num_cpus=pool.num_cpus_per_actor,
+            resources=dict(pool.resources_per_actor) or None,
+            max_restarts=pool.max_actor_restarts,
+            max_task_retries=pool.max_actor_restarts,
+        )
 
 
 def _check_exactly_once(items: list[dict], rows: list[dict]) -> None:

@@ -27,6 +27,9 @@ from tripost_ray.config import ConfigError
 log = logging.getLogger("tripost")
 
 MANIFEST = "_MANIFEST.json"
+#: The manifest format; 2: stage hashes are hashes of typed stage specs (tripost_ray.specs).
+#: A manifest of another format was hashed another way and cannot be compared.
+MANIFEST_FORMAT = 2
 
 
 class StageConfigChanged(ConfigError):
@@ -91,6 +94,7 @@ class Run:
         payload = body(stage_url)
         manifest = {
             "stage": name,
+            "format": MANIFEST_FORMAT,
             "config_hash": chained,
             "started_at": started,
             "wall_s": round(time.time() - started, 3),
@@ -111,6 +115,10 @@ class Run:
             manifest = storage.read_json(manifest_url)
         except storage.DamagedFileError as err:
             return StageDamaged(f"stage {name!r}: {err}; re-run with --force to recompute the stage")
+        if manifest.get("format") != MANIFEST_FORMAT:
+            return StageConfigChanged(
+                f"stage {name!r} of run {self.root} was written by an older tripost-ray (manifest format "
+                f"{manifest.get('format', 1)}, now {MANIFEST_FORMAT}); use a new run_name, or --force to recompute it")
         if manifest.get("config_hash") != chained:
             return StageConfigChanged(
                 f"stage {name!r} of run {self.root} was produced with a different config "

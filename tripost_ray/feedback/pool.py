@@ -11,8 +11,9 @@ Everything shared lives outside the actors:
 
 * one named rate limiter per provider + model (:mod:`tripost_ray.feedback.ratelimit`),
   so N actors together stay under RPM / TPM / max in flight and honour Retry-After;
-* one budget actor per run, so ``max_usd`` holds across actors (calls past it end as
-  ``over_budget``);
+* one budget actor per stage, holding what is left of the job's ``max_usd`` (the pipeline
+  carries the money spent across passes, iterations and resumes), so the limit holds across
+  actors (calls past it end as ``over_budget``);
 * the response cache on fsspec storage, so a re-run (or a run killed midway and
   started again) only pays for calls that never completed.
 
@@ -39,11 +40,11 @@ from typing import Any, Callable
 import ray
 
 from tripost_ray import storage
-from tripost_ray.config import JobConfig, ProviderConfig
 from tripost_ray.feedback.costs import price_for, require_price
 from tripost_ray.feedback.keys import fetch_keys, start_key_holder
 from tripost_ray.feedback.providers import check_credentials, key_env
 from tripost_ray.metrics import EditingMetrics
+from tripost_ray.specs import EditingSpec
 from tripost_ray.trajectory import Trajectory
 
 REQUIRED_COLUMNS = ("problem_id", "question", "target", "output")
@@ -99,30 +100,29 @@ class EditingSummary:
 
 
 class EditingWorker:
-    """Runs editing conversations concurrently (an async Ray actor; see ``run_editing``)."""
+    """Runs editing conversations concurrently (an async Ray actor; see ``run_editing``).
 
-    def __init__(self, task_name: str, task_options: dict, fbk_cfg: dict, imp_cfg: dict, prices: dict,
-                 cache_uri: str | None, limiters: dict, budget: Any, max_rounds: int, seed: int = 0,
+    It receives its stage's :class:`~tripost_ray.specs.EditingSpec` and the shared
+    helpers (rate limiters, budget, response cache location, key holder) as handles."""
+
+    def __init__(self, spec: EditingSpec, seed: int, cache_uri: str | None, limiters: dict, budget: Any,
                  keys: Any = None):
-        from tripost_ray.config import Price
         from tripost_ray.editing import scripted_fbk, scripted_imp
         from tripost_ray.feedback.cache import ResponseCache
         from tripost_ray.feedback.calls import LLMTeacher
-        from tripost_ray.tasks import get_task
 
-        self.task = get_task(task_name, **task_options)
-        self.max_rounds = max_rounds
-        table = {name: Price.model_validate(p) for name, p in prices.items()}
+        self.task = spec.task.build()
+        self.max_rounds = spec.editing.max_improve_rounds
+        self.verify_direct_correct = spec.editing.verify_direct_correct
         cache = ResponseCache(cache_uri) if cache_uri else None
-        cfgs = {"fbk": ProviderConfig.model_validate(fbk_cfg), "imp": ProviderConfig.model_validate(imp_cfg)}
-        names = sorted({n for n in map(key_env, cfgs.values()) if n})
-        api_keys = fetch_keys(keys, names)
+        roles = {"fbk": spec.feedback, "imp": spec.improve}
+        api_keys = fetch_keys(keys, sorted({n for n in map(key_env, roles.values()) if n}))
         calls = {}
-        for role, cfg in cfgs.items():
+        for role, cfg in roles.items():
             if cfg.provider == "scripted":
                 calls[role] = scripted_fbk(self.task) if role == "fbk" else scripted_imp(self.task)
             else:
-                teacher = LLMTeacher(self.task, cfg, price_for(table, cfg), limiter=limiters.get(role),
+                teacher = LLMTeacher(self.task, cfg, price_for(spec.editing.prices, cfg), limiter=limiters.get(role),
                                      budget=budget, cache=cache, seed=seed, api_key=api_keys[key_env(cfg)])
                 calls[role] = teacher.fbk if role == "fbk" else teacher.imp
         self.fbk, self.imp = calls["fbk"], calls["imp"]
@@ -134,7 +134,7 @@ class EditingWorker:
         problem = Problem(id=str(row["problem_id"]), question=row["question"], target=str(row["target"]),
                           split=row.get("split") or "train")
         result = await edit_trajectory(self.task, problem, row["output"] or "", self.fbk, self.imp,
-                                       max_rounds=self.max_rounds)
+                                       max_rounds=self.max_rounds, verify_direct_correct=self.verify_direct_correct)
         calls = []
         for c in result.calls:
             rec = c.record()
@@ -257,51 +257,43 @@ def summarize(results: list[dict], wall_s: float, out_uri: str, unpriced: list[s
 
 def run_editing(
     rollouts: list[dict] | str,
-    task_name: str,
-    job: JobConfig,
+    spec: EditingSpec,
     out_uri: str,
     *,
     cache_uri: str | None = None,
     budget_usd: float | None = None,
-    task_options: dict | None = None,
 ) -> EditingSummary:
     """Edit every rollout row into a trajectory or a recorded failure; write them to ``out_uri``.
 
-    ``job`` supplies ``feedback``, ``improve`` (providers), ``editing`` (actors,
-    concurrency, rounds, prices, ``max_usd``, cache) and ``storage.path`` (the default
-    cache is ``<storage.path>/cache``). ``cache_uri`` overrides the cache location;
-    ``budget_usd`` overrides ``editing.max_usd`` (a pipeline passes what is left of the
-    job's budget). Missing API keys and unpriced models under a budget are errors raised
-    before any actor starts or any request is made. Uses the running Ray (or starts a
-    local one).
+    ``spec`` supplies the task, ``feedback`` and ``improve`` (providers) and ``editing``
+    (actors, concurrency, rounds, prices, ``verify_direct_correct``). ``cache_uri`` is the
+    response cache (None: no cache). ``budget_usd`` is the money this call may spend (a
+    pipeline passes what is left of the job's ``editing.max_usd``; None: no limit).
+    Missing API keys and unpriced models under a budget are errors raised before any actor
+    starts or any request is made. Needs a running Ray (:func:`tripost_ray.ray_setup.init_ray`).
     """
     start = time.monotonic()
     rows = load_rollouts(rollouts)
-    needed_env = check_credentials(job)
-    editing = job.editing
-    max_usd = editing.max_usd if budget_usd is None else budget_usd
-    llm_sections = [(n, c) for n, c in (("feedback", job.feedback), ("improve", job.improve))
+    needed_env = check_credentials(spec)
+    editing = spec.editing
+    llm_sections = [(n, c) for n, c in (("feedback", spec.feedback), ("improve", spec.improve))
                     if c.provider != "scripted"]
-    if max_usd is not None:
+    if budget_usd is not None:
         for name, cfg in llm_sections:
             require_price(editing.prices, cfg, name)
     unpriced = sorted({c.model for _, c in llm_sections if price_for(editing.prices, c) is None})
-    if cache_uri is None and editing.cache:
-        cache_uri = editing.cache_uri or storage.join(storage.normalize(job.storage.path), "cache")
     if cache_uri is not None and "://" not in cache_uri:
         cache_uri = storage.normalize(cache_uri)
-
     if not ray.is_initialized():
-        ray.init(address=job.ray.address if job.ray.address not in (None, "local") else None,
-                 num_cpus=job.ray.num_cpus, include_dashboard=job.ray.include_dashboard)
+        raise RuntimeError("Ray is not initialised: call tripost_ray.ray_setup.init_ray() first")
 
     from tripost_ray.feedback.ratelimit import get_limiter, new_budget
 
     limiters = {}
-    for role, (_, cfg) in zip(("fbk", "imp"), (("feedback", job.feedback), ("improve", job.improve))):
+    for role, cfg in (("fbk", spec.feedback), ("imp", spec.improve)):
         if cfg.provider != "scripted":
             limiters[role] = get_limiter(cfg)
-    budget = new_budget(max_usd) if max_usd is not None and llm_sections else None
+    budget = new_budget(budget_usd) if budget_usd is not None and llm_sections else None
     keys = start_key_holder(needed_env) if needed_env else None
     # A crashed worker is restarted and its in-flight edits retried: an edit is idempotent
     # (replies already paid for come from the cache), so a retry never pays twice.
@@ -309,18 +301,12 @@ def run_editing(
                                "max_restarts": editing.max_actor_restarts,
                                "max_task_retries": editing.max_actor_restarts}
     worker_cls = ray.remote(EditingWorker)
-    prices = {name: p.model_dump() for name, p in editing.prices.items()}
-    actors = [
-        worker_cls.options(**options).remote(
-            task_name, dict(task_options or {}), job.feedback.model_dump(), job.improve.model_dump(), prices,
-            cache_uri, limiters, budget, editing.max_improve_rounds, job.seed + i, keys,
-        )
-        for i in range(min(editing.num_actors, max(1, len(rows))))
-    ]
+    actors = [worker_cls.options(**options).remote(spec, spec.seed + i, cache_uri, limiters, budget, keys)
+              for i in range(min(editing.num_actors, max(1, len(rows))))]
     results: list[dict] = []
     try:
         results = _dispatch(actors, rows, editing.concurrency_per_actor, editing.progress,
-                            EditingMetrics(job.run_name, max_usd if llm_sections else None).record)
+                            EditingMetrics(spec.run_name, budget_usd if llm_sections else None).record)
     finally:
         for actor in actors:
             ray.kill(actor)

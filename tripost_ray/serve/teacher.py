@@ -656,14 +656,13 @@ def start_teacher(
     run folder's lock and names its app after the run, after a killed driver).
     Uses the running Ray (or starts a local one).
     """
-    import ray
+    from tripost_ray.ray_setup import init_ray
 
     if not route_prefix.startswith("/"):
         raise ConfigError(f"route_prefix must start with '/', got {route_prefix!r}")
     fault_cfg = Faults.parse(faults)
     check_teacher_args(task_name, task_options, host, api_key)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+    init_ray()
     running = _running_proxy()
     if running is None:
         port = port or free_port(host)
@@ -718,7 +717,7 @@ def reset_stats(root: str, api_key: str | None = None) -> None:
 def main_serve(args) -> int:
     """``tripost serve teacher``: serve until Ctrl-C. Everything that can be refused
     (task, host without a key, a taken port) is refused in one line before Ray starts."""
-    import ray
+    from tripost_ray.ray_setup import init_ray
 
     api_key = None
     if args.api_key_env:
@@ -730,8 +729,7 @@ def main_serve(args) -> int:
     joining = bool(os.environ.get("RAY_ADDRESS"))
     if not joining:  # a fresh local cluster has no Serve yet: whoever holds the port is someone else
         check_port_free(args.host, args.port)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
+    init_ray()  # joins the cluster in RAY_ADDRESS, else starts a local one
     root = start_teacher(args.task, host=args.host, port=args.port, latency_s=args.latency_s, faults=faults,
                          api_key=api_key, max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
     where = "all interfaces" if args.host in ("0.0.0.0", "::") else "this address only"

@@ -39,6 +39,7 @@ from typing import Any
 
 from tripost_ray.config import TrainConfig
 from tripost_ray.metrics import record_training_step
+from tripost_ray.ray_setup import init_ray
 from tripost_ray.training.dataset import (
     REQUIRED_COLUMNS,
     BatchGeometry,
@@ -357,7 +358,6 @@ def train(examples, init_model: str, output_dir: str, cfg: TrainConfig, *, run_n
     lives at ``storage_path``/``run_name`` (checkpoints, Ray Train state); see the module
     docstring for resume rules. Ray must be initialised (or is started locally).
     """
-    import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -369,8 +369,7 @@ def train(examples, init_model: str, output_dir: str, cfg: TrainConfig, *, run_n
     build_deepspeed_config(cfg, cfg.num_workers, cfg.use_gpu)  # config errors before any work
     for warning in config_warnings(cfg):
         log.warning(warning)
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()  # a no-op under a running Ray
     ds = _as_dataset(examples)
     path, fs = _storage(storage_path)
     existed = _check_run_folder(path, fs, run_name, _run_spec(init_model, output_dir, cfg, lr, n_epochs), resume)
