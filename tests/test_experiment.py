@@ -28,7 +28,7 @@ REDUCED = {
     "rollout.min_actors": 1, "rollout.max_actors": 1, "rollout.batch_size": 16, "rollout.max_new_tokens": 200,
     "eval.batch_size": 16, "eval.max_new_tokens": 200, "eval.self_improve_rounds": 1,
     "train.epochs": 1, "train.micro_batch_size": 8, "train.cpus_per_worker": 0.5,
-    "postprocess.min_new_examples": 1, "ray.data_progress_bars": False, "ray.include_dashboard": False,
+    "postprocess.min_new_examples": 1, "progress": "lines", "ray.include_dashboard": False,
 }
 
 

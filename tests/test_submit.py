@@ -47,8 +47,7 @@ REDUCED = [
     "rollout.max_passes=1",
     "train.epochs=1",
     "postprocess.min_new_examples=0",
-    "ray.data_progress_bars=false",
-    "editing.progress=false",
+    "progress=lines",
 ]
 
 

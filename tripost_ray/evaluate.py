@@ -143,7 +143,7 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 def main_eval(args) -> int:
     """``tripost eval --model PATH --task NAME [--problems FILE] --out FILE.json [-o k=v]``."""
-    from tripost_ray import storage
+    from tripost_ray import progress, storage
     from tripost_ray.config import load_config
     from tripost_ray.models import ModelSourceError, resolve_model_source
     from tripost_ray.ray_setup import init_ray
@@ -167,14 +167,10 @@ def main_eval(args) -> int:
     if not problems:
         print(f"tripost eval: no problems to evaluate ({args.problems or 'generated test splits'})", file=sys.stderr)
         return 2
-    init_ray(cfg.ray)
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = cfg.ray.data_progress_bars
-    if cfg.ray.no_progress_timeout_s:
-        ctx.execution_no_progress_timeout_s = cfg.ray.no_progress_timeout_s
-    metrics = evaluate_model(model, task.name, problems, cfg)
+    init_ray(cfg.ray)  # Ray Data's settings too
+    progress.configure(cfg.progress)
+    with progress.stage("eval"):
+        metrics = evaluate_model(model, task.name, problems, cfg)
     metrics["model"] = args.model
     metrics["task"] = task.name
     metrics["problems"] = args.problems or "generated test splits"

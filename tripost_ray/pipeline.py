@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from tripost_ray import storage
+from tripost_ray import progress, storage
 from tripost_ray.config import JobConfig, load_config
 from tripost_ray.ray_setup import init_ray
 from tripost_ray.stages import Run, StageNotRun
@@ -292,6 +292,7 @@ def run_job(cfg: JobConfig, *, force: bool = False) -> dict:
     from tripost_ray.tracking import Tracker
 
     check_job(cfg)
+    progress.configure(cfg.progress)
     job = Job(cfg, force=force)
     with run_lock(job.run.root, cfg.storage):
         started = time.time()
