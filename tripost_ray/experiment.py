@@ -28,7 +28,7 @@ from typing import Any
 
 from tripost_ray import storage
 from tripost_ray.config import JobConfig, load_config, set_dotted
-from tripost_ray.pipeline import Job, gold_sft_examples, run_job, setup_logging, token_counter
+from tripost_ray.pipeline import Job, check_existing_stages, gold_sft_examples, run_job, setup_logging, token_counter
 from tripost_ray.preflight import check_job
 from tripost_ray.ray_setup import init_ray
 from tripost_ray.runlock import run_lock
@@ -104,11 +104,22 @@ def run_gold_baseline(cfg: JobConfig, token_targets: list[int], *, force: bool =
 
 def _gold_baseline_stages(job: Job, token_targets: list[int]) -> dict:
     cfg = job.cfg
-    storage.write_text_atomic(job.run.url("config.yaml"), cfg.to_yaml())
+    check_existing_stages(cfg, force=job.run.force, stages=lambda check: _gold_stages(check, token_targets))
+    storage.write_text_atomic(job.run.url("config.yaml"), cfg.to_yaml())  # only once nothing refused the run
     started = time.time()
     init_ray(cfg.ray)
     tracker = Tracker(cfg, job.run.root)
     job.run.on_stage = tracker.on_stage
+    _gold_stages(job, token_targets)
+    summary = summarize(job.run.root, wall_s=time.time() - started)
+    write_report(job.run.root, summary)
+    tracker.finish(summary)
+    return summary
+
+
+def _gold_stages(job: Job, token_targets: list[int]) -> None:
+    """The baseline's stages in order (each skipped when already complete)."""
+    cfg = job.cfg
     probs = job.problems()
     model = job.initial_model(probs)
     model_stage = "model_init"
@@ -124,10 +135,6 @@ def _gold_baseline_stages(job: Job, token_targets: list[int]) -> dict:
         job.run.stage(name, config_hash, body, inputs=(model_stage, "problems"))
         model, model_stage = job.run.manifests[name]["model"], name
         job.evaluate(t, model, probs, model_stage)
-    summary = summarize(job.run.root, wall_s=time.time() - started)
-    write_report(job.run.root, summary)
-    tracker.finish(summary)
-    return summary
 
 
 # --------------------------------------------------------------------- driver
@@ -141,8 +148,26 @@ def run_experiment(cfg: JobConfig, *, force: bool = False) -> dict:
         return _experiment_runs(cfg, root, force=force)
 
 
+def check_sub_runs(cfg: JobConfig, root: str, *, force: bool) -> None:
+    """Walk every sub-run's stages already on disk, running and writing nothing, so a
+    refused experiment (a changed config, a damaged stage in any arm) changes nothing on
+    disk. The arms are checked from the SFT model the shared run writes (its path is fixed
+    by the layout), the baseline with the token targets of its seed's finished TriPosT
+    iterations (the rest of it is checked again when it runs, before it writes)."""
+    check_existing_stages(sft_config(cfg), force=force)
+    sft_model = storage.join(root, "sft", "sft" if cfg.sft.epochs > 0 else "model_init", "model")
+    for seed in cfg.experiment.seeds:
+        manifests = check_existing_stages(arm_config(cfg, "tripost", seed, sft_model), force=force).run.manifests
+        if cfg.experiment.baseline:
+            targets = [int(manifests[f"iter_{t}/train"]["train"]["tokens_trained"])
+                       for t in range(1, cfg.iterations + 1) if f"iter_{t}/train" in manifests]
+            check_existing_stages(arm_config(cfg, "gold_sft", seed, sft_model), force=force,
+                                  stages=lambda job: _gold_stages(job, targets))
+
+
 def _experiment_runs(cfg: JobConfig, root: str, *, force: bool) -> dict:
-    storage.write_text_atomic(storage.join(root, "config.yaml"), cfg.to_yaml())
+    check_sub_runs(cfg, root, force=force)
+    storage.write_text_atomic(storage.join(root, "config.yaml"), cfg.to_yaml())  # only once no sub-run refused
     started = time.time()
     init_ray(cfg.ray)
     tracker = Tracker(cfg, root)  # the parent MLflow run; every arm and seed is a child run

@@ -304,12 +304,7 @@ def run_job(cfg: JobConfig, *, force: bool = False) -> dict:
             from tripost_ray.feedback.providers import check_credentials
 
             check_credentials(cfg)
-            check = Job(cfg, force=force)
-            check.run.check_only = True
-            try:
-                _run_stages(check)
-            except StageNotRun:
-                pass
+            check_existing_stages(cfg, force=force)
             # from here on the run writes: a refused run (above) leaves its folder untouched
             storage.write_text_atomic(job.run.url("config.yaml"), cfg.to_yaml())
             tracker = Tracker(cfg, job.run.root)
@@ -326,6 +321,19 @@ def run_job(cfg: JobConfig, *, force: bool = False) -> dict:
         write_report(job.run.root, summary)
         tracker.finish(summary)
     return summary
+
+
+def check_existing_stages(cfg: JobConfig, *, force: bool = False, stages=None) -> Job:
+    """Walk ``stages(job)`` (default: a TriPosT job's) over the stages already on disk
+    without running or writing any: a changed config or a damaged stage raises here, before
+    the caller writes anything. Returns the checking job (``run.manifests``: what it found)."""
+    check = Job(cfg, force=force)
+    check.run.check_only = True
+    try:
+        (stages or _run_stages)(check)
+    except StageNotRun:
+        pass
+    return check
 
 
 def _run_stages(job: Job) -> None:
