@@ -154,27 +154,27 @@ def report_step(reporter, done: int, total: int) -> None:
 
 def follow_steps(reporter, fit: Callable[[], T], what: str = "train", poll_s: float = 0.5) -> T:
     """Run ``fit()`` (blocking) while the driver polls ``reporter`` into a progress bar of
-    steps; the reporter is killed afterwards."""
+    steps; the reporter is killed afterwards. Progress never fails the training: a poll
+    that fails only stops the polling."""
     import ray
 
     stop = threading.Event()
     with track(what, None, "steps") as progress:
-        def poll() -> None:
-            progress.set(*ray.get(reporter.get.remote()))
-
         def follow() -> None:
-            while not stop.wait(poll_s):
-                poll()
+            try:
+                while not stop.wait(poll_s):
+                    progress.set(*ray.get(reporter.get.remote()))
+            except Exception as err:  # noqa: BLE001 - a progress display is not worth a failed run
+                log.warning("%s: step progress unavailable (%s)", progress.desc, err)
 
         thread = threading.Thread(target=follow, name="tripost-train-progress", daemon=True)
         thread.start()
         try:
             result = fit()
-        finally:
             stop.set()
             thread.join()
-            try:
-                poll()  # the last steps, reported after the latest poll
-            finally:
-                ray.kill(reporter)
+            progress.set(*ray.get(reporter.get.remote()))  # the last steps, reported after the latest poll
+        finally:
+            stop.set()
+            ray.kill(reporter)
     return result
