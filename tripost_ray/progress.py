@@ -147,9 +147,15 @@ def step_reporter():
 
 
 def report_step(reporter, done: int, total: int) -> None:
-    """On a training worker: tell the driver a step finished (fire and forget)."""
-    if reporter is not None:
-        reporter.report.remote(done, total)
+    """On a training worker: tell the driver a step finished (fire and forget, except the
+    last step, which is recorded before training ends: the driver's final count is exact)."""
+    if reporter is None:
+        return
+    ref = reporter.report.remote(done, total)
+    if done == total:
+        import ray
+
+        ray.get(ref)
 
 
 def follow_steps(reporter, fit: Callable[[], T], what: str = "train", poll_s: float = 0.5) -> T:
