@@ -62,9 +62,8 @@ def run_case(name, root, rows, actors, concurrency, rpm=None):
                 "api_key_env": KEY_ENV}
     if rpm:
         provider["rate_limit"] = {"requests_per_minute": rpm}
-    job = build_config({"feedback": provider, "improve": provider,
-                        "editing": {"num_actors": actors, "concurrency_per_actor": concurrency, "cache": False,
-                                    "progress": False}})
+    job = build_config({"feedback": provider, "improve": provider, "progress": "lines",
+                        "editing": {"num_actors": actors, "concurrency_per_actor": concurrency, "cache": False}})
     with tempfile.TemporaryDirectory() as out:
         summary = run_editing(rows, JobSpecs(job).editing(), out)
     rate = server_rate(root)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -156,10 +157,26 @@ def test_to_yaml_round_trips_through_load(tmp_path):
     assert yaml.safe_load(text)["train"]["adam_betas"] == [0.9, 0.95]
 
 
-def test_quiet_turns_off_the_drivers_progress_bars_and_user_overrides_still_win(capsys):
+def test_quiet_sets_progress_lines_and_user_overrides_still_win(capsys):
     from tripost_ray import cli
 
     quickstart = str(Path(__file__).resolve().parents[1] / "jobs" / "quickstart.yaml")
-    assert cli.main(["run", quickstart, "--quiet", "--dry-run", "-o", "editing.progress=true"]) == 0
-    resolved = yaml.safe_load(capsys.readouterr().out.split("# resolved config\n", 1)[1].split("\n#", 1)[0])
-    assert resolved["ray"]["data_progress_bars"] is False and resolved["editing"]["progress"] is True
+    resolved = lambda out: yaml.safe_load(out.split("# resolved config\n", 1)[1].split("\n#", 1)[0])  # noqa: E731
+    assert cli.main(["run", quickstart, "--quiet", "--dry-run"]) == 0
+    assert resolved(capsys.readouterr().out)["progress"] == "lines"
+    assert cli.main(["run", quickstart, "--quiet", "--dry-run", "-o", "progress=bars"]) == 0
+    assert resolved(capsys.readouterr().out)["progress"] == "bars"
+
+
+def test_progress_is_in_no_stage_hash_and_the_replaced_fields_say_what_replaces_them():
+    from tripost_ray.specs import JobSpecs
+
+    def hashes(cfg):
+        s = JobSpecs(cfg)
+        return [spec.config_hash() for spec in (s.problems(), s.model_init(), s.sft(), s.train(), s.rollouts(1, 0),
+                                                  s.eval(), s.editing(), s.postprocess(1))]
+
+    assert hashes(build_config({}, ["progress=lines"])) == hashes(build_config({})), "--quiet on resume would be refused"
+    for old in ("editing.progress=false", "ray.data_progress_bars=false"):
+        with pytest.raises(ConfigError, match=re.escape(old.split("=")[0]) + r": replaced by progress \(top level\)"):
+            build_config({}, [old])

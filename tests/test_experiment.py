@@ -14,7 +14,6 @@ import pytest
 from tripost_ray import storage
 from tripost_ray.config import load_config
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "reproduce_cpu.yaml"
@@ -28,10 +27,29 @@ REDUCED = {
     "rollout.min_actors": 1, "rollout.max_actors": 1, "rollout.batch_size": 16, "rollout.max_new_tokens": 200,
     "eval.batch_size": 16, "eval.max_new_tokens": 200, "eval.self_improve_rounds": 1,
     "train.epochs": 1, "train.micro_batch_size": 8, "train.cpus_per_worker": 0.5,
-    "postprocess.min_new_examples": 1, "ray.data_progress_bars": False, "ray.include_dashboard": False,
+    "postprocess.min_new_examples": 1, "progress": "lines", "ray.include_dashboard": False,
 }
 
 
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("sub_run", ["sft", "tripost-seed1", "gold_sft-seed0"])
+def test_an_experiment_refused_by_any_sub_run_changes_nothing_on_disk(tmp_path, sub_run):
+    from tripost_ray.experiment import run_experiment
+    from tripost_ray.stages import StageConfigChanged
+
+    root = tmp_path / "reproduce_cpu"
+    storage.write_json(str(root / sub_run / "problems" / "_MANIFEST.json"), {"stage": "problems", "config_hash": "0"})
+    before = _files(root)
+    with pytest.raises(StageConfigChanged, match=f"stage 'problems' of run .*{sub_run}"):
+        run_experiment(load_config(JOB, [f"{k}={v}" for k, v in {**REDUCED, "storage.path": str(tmp_path)}.items()]))
+    assert _files(root) == before, "the refused experiment wrote its config.yaml or ran a sub-run"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_reduced_experiment_runs_both_arms_with_equal_tokens_and_resumes(ray_cluster, sft_model_dir, tmp_path):
     from tripost_ray.experiment import run_experiment
 

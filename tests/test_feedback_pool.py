@@ -81,7 +81,7 @@ def editing_spec(cfg, task_name: str = ARITH):
 
 def job(fbk: dict, imp: dict, **editing):
     return build_config({"feedback": fbk, "improve": imp,
-                         "editing": {"num_actors": 2, "concurrency_per_actor": 8, "progress": False, **editing}})
+                         "editing": {"num_actors": 2, "concurrency_per_actor": 8, **editing}, "progress": "lines"})
 
 
 def trajectories(out: str) -> list[dict]:

@@ -80,7 +80,8 @@ def test_request_and_usd_counters_match_the_teachers_count_and_the_manifest(teac
         "run_name": "metrics-test",
         "feedback": {"provider": "openai", "model": FBK_MODEL, "base_url": openai_base_url(teacher), **fast},
         "improve": {"provider": "anthropic", "model": IMP_MODEL, "base_url": teacher, **fast},
-        "editing": {"num_actors": 1, "concurrency_per_actor": 2, "progress": False, "max_usd": 5.0},
+        "editing": {"num_actors": 1, "concurrency_per_actor": 2, "max_usd": 5.0},
+        "progress": "lines",
     })
     rows = corrupted_rollouts(get_task(ARITH), 24, seed=5, correct_every=0)
     before_requests, before = teacher_requests(teacher), scrape()

@@ -43,8 +43,7 @@ def _overrides(model: str, storage_path: Path, run_name: str, port: int, **extra
         "rollout.max_actors": 1, "rollout.batch_size": 40, "rollout.max_new_tokens": 200,
         "eval.batch_size": 24, "eval.max_new_tokens": 200,
         "train.epochs": 1, "train.micro_batch_size": 8, "train.cpus_per_worker": 0.5,
-        "postprocess.min_new_examples": 1, "teacher.port": port, "ray.data_progress_bars": False,
-        "editing.progress": False,
+        "postprocess.min_new_examples": 1, "teacher.port": port, "progress": "lines",
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]

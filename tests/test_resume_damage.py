@@ -23,7 +23,7 @@ def _run(tmp_path: Path, *extra: str) -> int:
     overrides = {"storage.path": str(tmp_path), "run_name": "small", "iterations": 0, "sft.epochs": 0,
                  "eval.initial": False, "teacher.enabled": False, "feedback.provider": "scripted",
                  "improve.provider": "scripted", "task.n_train": 20, "task.n_test_seen": 5, "task.n_test_unseen": 5,
-                 "sft.n_examples": 20, "ray.data_progress_bars": False}
+                 "sft.n_examples": 20, "progress": "lines"}
     args = ["run", QUICKSTART] + sum((["-o", f"{k}={v}"] for k, v in overrides.items()), [])
     return main(args + [a for o in extra for a in (["-o", o] if "=" in o else [o])])
 

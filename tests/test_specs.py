@@ -38,6 +38,7 @@ RUN_LEVEL: dict[str, str] = {
     "ray": "ray_setup.init_ray",
     "experiment": "experiment.run_experiment",
     "tracking": "tracking.Tracker",
+    "progress": "progress.configure, called by the entry points",
     "editing.cache": "pipeline.Job.editing_cache",
     "editing.cache_uri": "pipeline.Job.editing_cache",
     "editing.max_usd": "pipeline.Job.budget_left",
@@ -159,7 +160,7 @@ def test_a_stage_hash_changes_with_its_own_settings_only():
     assert changed("eval.batch_size=3") == {"eval"}
     assert changed("model.dtype=float32") == {"eval"}  # and the rollouts': how the actors load the model
     # where things are cached, the budget, progress display, tracking: never a stage's result
-    assert changed("editing.max_usd=1", "editing.cache_uri=/elsewhere", "editing.progress=false",
+    assert changed("editing.max_usd=1", "editing.cache_uri=/elsewhere", "progress=lines",
                    "model.cache_dir=/elsewhere", "tracking.mlflow=false", "ray.num_cpus=1") == set()
     assert changed("editing.verify_direct_correct=true") == {"editing"}
 

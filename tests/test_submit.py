@@ -47,8 +47,7 @@ REDUCED = [
     "rollout.max_passes=1",
     "train.epochs=1",
     "postprocess.min_new_examples=0",
-    "ray.data_progress_bars=false",
-    "editing.progress=false",
+    "progress=lines",
 ]
 
 
@@ -136,6 +135,25 @@ def test_relative_storage_path_is_refused_before_contacting_the_cluster(tmp_path
     # Port 9 (discard) has no job server: reaching it would be a different error.
     with pytest.raises(ConfigError, match="storage.path './runs' is relative"):
         submit_job(path, "http://127.0.0.1:9")
+
+
+@pytest.mark.parametrize("override, error", [
+    ("task.train_file=problems.jsonl", "task.train_file 'problems.jsonl' is relative"),
+    ("model.source=./models/m", "model.source './models/m' is relative"),
+    ("editing.cache_uri=cache", "editing.cache_uri 'cache' is relative"),
+    ("task.test_file=s4://bucket/test.jsonl", r"task.test_file: 's4://bucket/test.jsonl' has a storage protocol fsspec "
+                                              r"does not know \(s4://\)"),
+])
+def test_submission_preflight_refuses_what_the_cluster_could_not_open(tmp_path, override, error):
+    with pytest.raises(ConfigError, match=error):  # before the (unreachable) cluster is contacted
+        submit_job(QUICKSTART, "http://127.0.0.1:9", ["storage.path=" + str(tmp_path), override])
+
+
+@pytest.mark.parametrize("override", ["model.source=org/model-name", "task.train_file=s3://bucket/train.jsonl",
+                                      "task.test_file=" + str(Path(__file__))])
+def test_submission_preflight_leaves_hub_names_known_urls_and_absolute_paths_to_the_cluster(tmp_path, override):
+    with pytest.raises(SubmitError, match="cannot reach the Ray job server"):  # the preflight passed
+        submit_job(QUICKSTART, "http://127.0.0.1:9", ["storage.path=" + str(tmp_path), override])
 
 
 def test_bad_config_is_refused_before_contacting_the_cluster(tmp_path):

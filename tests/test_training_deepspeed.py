@@ -9,12 +9,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from tripost_ray import progress
 from tripost_ray.config import TrainConfig
 from tripost_ray.models import load_model_and_tokenizer
 from tripost_ray.tasks import get_task
@@ -75,11 +77,19 @@ def _assert_export_matches(model_dir: str, plain_model):
     return model, tok
 
 
-def test_zero2_sft_matches_plain_loop_exports_and_lowers_heldout_loss(ray_cluster, tiny_model_dir, tmp_path):
+def test_zero2_sft_matches_plain_loop_exports_and_lowers_heldout_loss(ray_cluster, tiny_model_dir, tmp_path, caplog):
     rows, held_out = gold_rows("train", 24, seed=11), gold_rows("test_seen", 12, seed=12)
     cfg = small_cfg(zero_stage=2)
-    result = train(rows, tiny_model_dir, str(tmp_path / "model"), cfg, run_name="zero2-sft",
-                   storage_path=str(tmp_path / "runs"))
+    caplog.set_level(logging.INFO, logger="tripost")
+    progress.configure("lines")
+    try:
+        result = train(rows, tiny_model_dir, str(tmp_path / "model"), cfg, run_name="zero2-sft",
+                       storage_path=str(tmp_path / "runs"))
+    finally:
+        progress.configure("bars")
+    # rank 0 reported every step to the driver's progress
+    assert [r.getMessage().split(" in ")[0] for r in caplog.records if r.getMessage().startswith("train: ")] == [
+        "train: started", "train: done, 9/9 steps"]
     plain = train_plain(rows, tiny_model_dir, cfg)
     _assert_same_training(result, plain)
     assert result.steps == 9 and result.tokens_trained > 0 and result.checkpoint_path

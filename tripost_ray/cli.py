@@ -21,8 +21,8 @@ HANDLERS = {
 }
 
 
-#: What ``--quiet`` turns off: the driver's progress bars (CI logs keep one line per stage).
-QUIET_OVERRIDES = ("ray.data_progress_bars=false", "editing.progress=false")
+#: What ``--quiet`` sets: progress as one log line per stage at start and end, no bars (CI logs).
+QUIET_OVERRIDES = ("progress=lines",)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -197,8 +197,7 @@ class EditingConfig(Section):
         description="Send right, consistent model outputs through FBK too (the paper does not): a right answer "
         "reached by wrong steps is then edited, not taught as correct. Free with a scripted FBK.",
     )
-    cache_uri: str | None = Field(None, description="Cache location (fsspec URL); None: <storage.path>/cache.")
-    progress: bool = Field(True, description="Show a tqdm progress bar on the driver.")
+    cache_uri: str | None = Field(None, description="Cache location (fsspec URL); None: the run's own cache/ folder.")
     max_usd: float | None = Field(
         None, ge=0, description="The job's budget in USD, across passes, iterations and resumes (spent money is read "
         "from the editing manifests); calls past it end as over_budget.")
@@ -351,7 +350,6 @@ class RayConfig(Section):
     address: str | None = Field(None, description="None/'local': start a local Ray; 'auto' or ray://... to join one.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (None: all).")
     include_dashboard: bool = False
-    data_progress_bars: bool = True
     no_progress_timeout_s: float | None = Field(
         None, gt=0, description="Fail a Ray Data stage that makes no progress for this long."
     )
@@ -391,6 +389,10 @@ class JobConfig(Section):
     run_name: str = Field("quickstart", pattern=r"^[A-Za-z0-9._-]+$")
     iterations: int = Field(3, ge=0, description="T: TriPosT iterations.")
     seed: int = 0
+    progress: Literal["bars", "lines"] = Field(
+        "bars", description="How the driver shows the progress of rollouts, editing, training steps and evaluation "
+        "(tripost_ray.progress): bars: a progress bar per stage; lines: one log line per stage at start and end, "
+        "for CI logs (--quiet). No stage hashes it.")
     task: TaskConfig = Field(default_factory=TaskConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
@@ -492,12 +494,21 @@ def _section_fields(loc: tuple) -> list[str] | None:
     return sorted(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
+#: Fields that were replaced: an old job file names them, and the error says what to write instead.
+REPLACED = {
+    "editing.progress": "progress (top level): bars | lines; --quiet sets lines",
+    "ray.data_progress_bars": "progress (top level): bars | lines; --quiet sets lines",
+}
+
+
 def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"]
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and loc in REPLACED:
+            msg = f"replaced by {REPLACED[loc]}"
+        elif e["type"] == "extra_forbidden":
             allowed = _section_fields(tuple(e["loc"][:-1]))
             msg = "unknown field" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
         elif e["type"] == "literal_error":

@@ -128,7 +128,7 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 def main_eval(args) -> int:
     """``tripost eval --model PATH --task NAME [--problems FILE] --out FILE.json [-o k=v]``."""
-    from tripost_ray import storage
+    from tripost_ray import progress, storage
     from tripost_ray.config import load_config
     from tripost_ray.models import ModelSourceError, resolve_model_source
     from tripost_ray.ray_setup import init_ray
@@ -154,7 +154,9 @@ def main_eval(args) -> int:
         print(f"tripost eval: no problems to evaluate ({args.problems or 'generated test splits'})", file=sys.stderr)
         return 2
     init_ray(cfg.ray)
-    metrics = evaluate_model(model, problems, JobSpecs(cfg).eval().generation)
+    progress.configure(cfg.progress)
+    with progress.stage("eval"):
+        metrics = evaluate_model(model, problems, JobSpecs(cfg).eval().generation)
     metrics["model"] = args.model
     metrics["task"] = task.name
     metrics["problems"] = args.problems or "generated test splits"

@@ -27,7 +27,8 @@ from typing import Any
 
 from tripost_ray import storage
 from tripost_ray.config import JobConfig, load_config, set_dotted
-from tripost_ray.pipeline import gold_sft_stages, run_job, setup_logging
+from tripost_ray.pipeline import check_existing_stages, gold_sft_stages, run_job, setup_logging
+from tripost_ray.specs import ModelOutput, TrainOutput
 from tripost_ray.preflight import check_job
 from tripost_ray.ray_setup import init_ray
 from tripost_ray.runlock import run_lock
@@ -85,8 +86,30 @@ def run_experiment(cfg: JobConfig, *, force: bool = False) -> dict:
         return _experiment_runs(cfg, root, force=force)
 
 
+def check_sub_runs(cfg: JobConfig, *, force: bool) -> None:
+    """Walk every sub-run's stages already on disk, running and writing nothing, so a
+    refused experiment (a changed config, a damaged stage in any arm) changes nothing on
+    disk. The arms are checked from the model the shared SFT run's manifest names (or, before
+    it has run, the folder its stage will write), the baseline with the token targets of its
+    seed's finished TriPosT iterations (the rest of it is checked again when it runs)."""
+    sft = check_existing_stages(sft_config(cfg), force=force)
+    model_stage = "sft" if cfg.sft.epochs > 0 else "model_init"
+    if model_stage in sft.run.manifests:
+        sft_model = sft.output(model_stage, ModelOutput).model
+    else:
+        sft_model = sft.model_url(model_stage)
+    for seed in cfg.experiment.seeds:
+        tripost = check_existing_stages(arm_config(cfg, "tripost", seed, sft_model), force=force)
+        if cfg.experiment.baseline:
+            targets = [int(tripost.output(f"iter_{t}/train", TrainOutput).train["tokens_trained"])
+                       for t in range(1, cfg.iterations + 1) if f"iter_{t}/train" in tripost.run.manifests]
+            check_existing_stages(arm_config(cfg, "gold_sft", seed, sft_model), force=force,
+                                  stages=gold_sft_stages(targets))
+
+
 def _experiment_runs(cfg: JobConfig, root: str, *, force: bool) -> dict:
-    storage.write_text_atomic(storage.join(root, "config.yaml"), cfg.to_yaml())
+    check_sub_runs(cfg, force=force)
+    storage.write_text_atomic(storage.join(root, "config.yaml"), cfg.to_yaml())  # only once no sub-run refused
     started = time.time()
     init_ray(cfg.ray)
     tracker = Tracker(cfg, root)  # the parent MLflow run; every arm and seed is a child run

@@ -32,7 +32,7 @@ import tempfile
 import time
 from typing import Callable
 
-from tripost_ray import storage
+from tripost_ray import progress, storage
 from tripost_ray.config import JobConfig, load_config
 from tripost_ray.models import token_counter
 from tripost_ray.ray_setup import init_ray
@@ -68,6 +68,10 @@ class Job:
                                   inputs=inputs)
         return produces.model_validate(manifest)
 
+    def model_url(self, stage: str) -> str:
+        """Where a stage that leaves a model writes it."""
+        return self.run.url(stage, "model")
+
     def output(self, name: str, produces: type[StageOutput]):
         """The typed output of a stage that has run (or was found finished)."""
         return produces.model_validate(self.run.manifests[name])
@@ -94,7 +98,7 @@ class Job:
 
         def body(url: str) -> ModelInitOutput:
             corpus = tokenizer_corpus(self.task, probs.sft) + [self.task.prompt(p) for p in probs.test]
-            out = storage.join(url, "model")
+            out = self.model_url("model_init")
             with tempfile.TemporaryDirectory(prefix="tripost-model-") as tmp:
                 prepare_model(spec.source, spec.tiny, spec.cache_dir, corpus=corpus, out_dir=tmp)
                 storage.publish_dir(tmp, out)
@@ -119,10 +123,10 @@ class Job:
         from tripost_ray.training import train
 
         run_name = f"{self.cfg.run_name}-{stage.replace('/', '-')}-{spec.config_hash()[:8]}"
-        result = train(examples, model, storage.join(url, "model"), spec.train, run_name=run_name,
+        result = train(examples, model, self.model_url(stage), spec.train, run_name=run_name,
                        storage_path=self.run.url("ray_train")).to_dict()
         storage.write_json(storage.join(url, "history.json"), result.pop("history"))
-        return TrainOutput(model=storage.join(url, "model"), train=result, **extra)
+        return TrainOutput(model=self.model_url(stage), train=result, **extra)
 
     def evaluate(self, t: int, model: str, probs: Problems, model_stage: str) -> EvalOutput:
         """Metrics on the test splits, plus one entry under ``extra`` per ``eval.extra_sets``."""
@@ -260,6 +264,7 @@ def run_job(cfg: JobConfig, *, force: bool = False, stages: Callable[[Job], None
 
     stages = stages or tripost_stages
     check_job(cfg)
+    progress.configure(cfg.progress)
     job = Job(cfg, force=force)
     with run_lock(job.run.root, cfg.storage):
         started = time.time()
@@ -268,12 +273,7 @@ def run_job(cfg: JobConfig, *, force: bool = False, stages: Callable[[Job], None
         teacher = _start_teacher_if_enabled(cfg, job.run.root)
         tracker = None
         try:
-            check = Job(cfg, force=force)
-            check.run.check_only = True
-            try:
-                stages(check)
-            except StageNotRun:
-                pass
+            check_existing_stages(cfg, force=force, stages=stages)
             # from here on the run writes: a refused run (above) leaves its folder untouched
             storage.write_text_atomic(job.run.url("config.yaml"), cfg.to_yaml())
             tracker = Tracker(cfg, job.run.root)
@@ -291,6 +291,20 @@ def run_job(cfg: JobConfig, *, force: bool = False, stages: Callable[[Job], None
         write_report(job.run.root, summary)
         tracker.finish(summary)
     return summary
+
+
+def check_existing_stages(cfg: JobConfig, *, force: bool = False,
+                          stages: Callable[[Job], None] | None = None) -> Job:
+    """Walk ``stages(job)`` (default: TriPosT's) over the stages already on disk without
+    running or writing any: a changed config or a damaged stage raises here, before the
+    caller writes anything. Returns the checking job (``run.manifests``: what it found)."""
+    check = Job(cfg, force=force)
+    check.run.check_only = True
+    try:
+        (stages or tripost_stages)(check)
+    except StageNotRun:
+        pass
+    return check
 
 
 def tripost_stages(job: Job) -> None:

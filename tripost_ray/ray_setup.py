@@ -18,7 +18,8 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     """Join the configured cluster, or start a local Ray sized by ``cfg.num_cpus``.
 
     Inside ``ray job submit`` (``RAY_ADDRESS`` set) the job joins its cluster and never
-    resizes it. Ray Data's progress bars and no-progress timeout follow the config.
+    resizes it. Ray Data's no-progress timeout follows the config; its progress bars are
+    off, since the driver shows every stage's progress in one style (:mod:`tripost_ray.progress`).
     """
     import ray
     from ray.data import DataContext
@@ -38,6 +39,6 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         else:
             ray.init(address=None if cfg.address in (None, "local") else cfg.address)
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = cfg.data_progress_bars
+    ctx.enable_progress_bars = False
     if cfg.no_progress_timeout_s:
         ctx.execution_no_progress_timeout_s = cfg.no_progress_timeout_s

@@ -31,7 +31,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from tripost_ray import storage
+from tripost_ray import progress, storage
 from tripost_ray.metrics import record_rollout_batch
 from tripost_ray.specs import ActorPoolSpec, GenerationSpec
 from tripost_ray.tasks.base import Problem
@@ -207,7 +207,8 @@ def run_rollouts(problems: list[Problem], model_path: str, spec: GenerationSpec,
     ds = _map_generators(ds, spec, model_path, fault_marker)
     t0 = time.perf_counter()
     rows: list[dict] = []
-    for part, table in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
+    batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    for part, table in enumerate(progress.iterate(batches, "rollouts", len(items), "problems", lambda t: t.num_rows)):
         if table.num_rows == 0:
             continue
         table = table.select(ROLLOUT_SCHEMA.names).cast(ROLLOUT_SCHEMA)

@@ -1,9 +1,9 @@
 """What each stage is given and what it produces, as typed objects built in one place.
 
-A stage never sees the whole :class:`~tripost_ray.config.JobConfig`. :func:`stage_specs`
+A stage never sees the whole :class:`~tripost_ray.config.JobConfig`. :class:`JobSpecs`
 cuts the job's config into one frozen spec per stage kind, and each stage (and every Ray
 actor it starts) receives only its spec. A stage's config hash is the hash of exactly
-that spec, minus the fields listed in its ``RUNTIME_ONLY`` (locations, progress display,
+that spec, minus the fields listed in its ``RUNTIME_ONLY`` (locations, keys' variable names,
 the budget), which steer how a stage runs but never what it computes. So retuning one
 stage's settings invalidates that stage and what consumes it, and nothing else, with no
 hand-written list of sections or overridden fields anywhere.
@@ -166,10 +166,13 @@ class EvalSpec(StageSpec):
 
 
 class EditingSpec(StageSpec):
-    """The FBK/IMP editing pool. Where the responses are cached and how much money is left
-    are runtime matters: a resumed run that raises its budget keeps its finished stages."""
+    """The FBK/IMP editing pool. Where an endpoint lives, which variable holds its key,
+    where the responses are cached and how much money is left are runtime matters: a run
+    whose teacher moved to another port, or that raises its budget, keeps its finished
+    stages (the model name, prompts and sampling settings are hashed)."""
 
-    RUNTIME_ONLY = ("editing.cache", "editing.cache_uri", "editing.max_usd", "editing.progress", "run_name")
+    RUNTIME_ONLY = ("feedback.base_url", "feedback.api_key_env", "improve.base_url", "improve.api_key_env",
+                    "editing.cache", "editing.cache_uri", "editing.max_usd", "run_name")
 
     run_name: str  # labels the live metrics
     task: TaskSpec

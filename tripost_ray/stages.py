@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from tripost_ray import storage
+from tripost_ray import progress, storage
 from tripost_ray.config import ConfigError
 
 log = logging.getLogger("tripost")
@@ -91,7 +91,8 @@ class Run:
             raise StageNotRun(name)
         log.info("stage %-28s running", name)
         started = time.time()
-        payload = body(stage_url)
+        with progress.stage(name):
+            payload = body(stage_url)
         manifest = {
             "stage": name,
             "format": MANIFEST_FORMAT,

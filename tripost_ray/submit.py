@@ -2,9 +2,9 @@
 
 What is sent (``ray job submit`` semantics, through the Ray Jobs REST API):
 
-* the job config, resolved and validated here first, as ``job.yaml`` in a small
-  working dir of its own (so a bad field fails before anything is uploaded, and the
-  cluster runs exactly the config that was checked);
+* the job config, resolved and validated here first (with :func:`check_submission`),
+  as ``job.yaml`` in a small working dir of its own (so a bad field fails before
+  anything is uploaded, and the cluster runs exactly the config that was checked);
 * this package as a ``py_modules`` entry, so the cluster runs the submitter's code;
   pip requirements only when asked (a cluster image normally has them installed);
 * no secret. Everything a submission carries (entrypoint, metadata, runtime_env with
@@ -35,7 +35,7 @@ import uuid
 from pathlib import Path
 from typing import TextIO
 
-from tripost_ray.config import ConfigError, JobConfig, load_config
+from tripost_ray.config import JobConfig, load_config
 
 #: The job's config inside its working dir.
 JOB_CONFIG_NAME = "job.yaml"
@@ -102,14 +102,47 @@ def entrypoint(force: bool = False) -> str:
     return shlex.join(cmd)
 
 
-def _check_storage(cfg: JobConfig) -> None:
-    path = cfg.storage.path
-    if "://" not in path and not Path(path).expanduser().is_absolute():
-        raise ConfigError(
-            f"storage.path {path!r} is relative: on the cluster it would land inside the job's temporary "
-            "working dir and be lost; pass -o storage.path=s3://bucket/runs (or gs://..., or an absolute path "
-            "on a filesystem the cluster shares)"
-        )
+#: The fields that name something the job's driver opens on the cluster (files, folders, URLs).
+LOCATIONS = ("storage.path", "editing.cache_uri", "task.train_file", "task.test_file", "model.source")
+
+
+def check_submission(cfg: JobConfig) -> None:
+    """The preflight of a submission: what can be known on the submitting machine about
+    what the job will open on the cluster, checked before anything is sent. Raises
+    :class:`~tripost_ray.preflight.PreflightError` naming the field.
+
+    * A relative local path in :data:`LOCATIONS` is refused: on the cluster it would point
+      into the job's temporary working dir (storage lost, files not found). A
+      ``model.source`` that does not look like a path (``org/name``) is a hub name.
+    * A URL whose protocol fsspec does not know (``s4://``) is refused; a known protocol
+      passes even when its backend is not installed here, since it is the cluster's image
+      that needs it.
+    * Not checked here, by design: absolute paths (this machine's filesystem may not be the
+      cluster's) and API keys (the job's driver reads them from the cluster's environment,
+      never from the submitter's, and none is sent). The job's driver runs the full
+      preflight (:func:`~tripost_ray.preflight.check_job`) on the cluster before any work,
+      and fails in one line.
+    """
+    from fsspec.registry import known_implementations, registry
+
+    from tripost_ray.preflight import PreflightError
+
+    for field in LOCATIONS:
+        section, name = field.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is None or (field == "model.source" and value == "tiny"):
+            continue
+        if "://" in value:
+            protocol = value.split("://", 1)[0]
+            if protocol not in known_implementations and protocol not in registry:
+                raise PreflightError(f"{field}: {value!r} has a storage protocol fsspec does not know ({protocol}://)")
+            continue
+        hub_name = field == "model.source" and not value.startswith((".", "~")) and not Path(value).exists()
+        if not hub_name and not Path(value).expanduser().is_absolute():
+            raise PreflightError(
+                f"{field} {value!r} is relative: on the cluster it would point inside the job's temporary working "
+                f"dir; pass -o {field}=s3://bucket/... (or gs://..., or an absolute path on a filesystem the "
+                "cluster shares)")
 
 
 def submit_job(
@@ -139,7 +172,7 @@ def submit_job(
     from tripost_ray.feedback.providers import needed_key_names
 
     cfg = load_config(config_path, overrides)
-    _check_storage(cfg)
+    check_submission(cfg)
     keys = needed_key_names(cfg)
     client = _client(address)
     submission_id = f"tripost-{cfg.run_name}-{uuid.uuid4().hex[:8]}"

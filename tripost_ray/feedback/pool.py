@@ -305,7 +305,7 @@ def run_editing(
               for i in range(min(editing.num_actors, max(1, len(rows))))]
     results: list[dict] = []
     try:
-        results = _dispatch(actors, rows, editing.concurrency_per_actor, editing.progress,
+        results = _dispatch(actors, rows, editing.concurrency_per_actor,
                             EditingMetrics(spec.run_name, budget_usd if llm_sections else None).record)
     finally:
         for actor in actors:
@@ -324,11 +324,11 @@ def run_editing(
     return summary
 
 
-def _dispatch(actors: list, rows: list[dict], concurrency: int, progress: bool,
+def _dispatch(actors: list, rows: list[dict], concurrency: int,
               on_result: Callable[[dict], None]) -> list[dict]:
-    """Keep each actor ``concurrency`` (+ a small queue) rows busy; collect results with a
-    bar, handing each to ``on_result`` (the live metrics) as it arrives."""
-    from tqdm.auto import tqdm
+    """Keep each actor ``concurrency`` (+ a small queue) rows busy; collect results with
+    progress, handing each to ``on_result`` (the live metrics) as it arrives."""
+    from tripost_ray import progress
 
     cap = concurrency + max(2, concurrency // 4)
     load = [0] * len(actors)
@@ -337,7 +337,7 @@ def _dispatch(actors: list, rows: list[dict], concurrency: int, progress: bool,
     results: list[dict] = []
     failed = 0
     next_row = 0
-    with tqdm(total=len(rows), desc="editing", unit="rollout", disable=not progress) as bar:
+    with progress.track("editing", len(rows), "rollouts") as bar:
         while next_row < len(rows) or pending:
             while next_row < len(rows):
                 i = min(range(len(actors)), key=load.__getitem__)
@@ -356,5 +356,5 @@ def _dispatch(actors: list, rows: list[dict], concurrency: int, progress: bool,
                 on_result(result)
                 failed += result["trajectory"] is None
                 bar.update(1)
-                bar.set_postfix(kept=len(results) - failed, discarded=failed, refresh=False)
+                bar.set_postfix(kept=len(results) - failed, discarded=failed)
     return results

@@ -37,6 +37,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tripost_ray import progress
 from tripost_ray.config import TrainConfig
 from tripost_ray.metrics import record_training_step
 from tripost_ray.ray_setup import init_ray
@@ -235,6 +236,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
                         "epoch": (step + 1) / steps_per_epoch})
         pending.append((history[-1], loss_sum, weight_sum))
         done = step + 1
+        if rank == 0:
+            progress.report_step(config.get("progress"), done, total)
         periodic = cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0
         logged = done % cfg.log_every_steps == 0 or done == total or done == start + 1
         if logged or periodic:
@@ -377,10 +380,12 @@ def train(examples, init_model: str, output_dir: str, cfg: TrainConfig, *, run_n
         log.info("training run %s exists: resuming from its latest checkpoint (if any)", run_name)
 
     env = {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM") if k in os.environ}
+    steps = progress.step_reporter()  # rank 0 reports each step to it; the driver shows them
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "learning_rate": lr, "epochs": n_epochs,
                            "init_model": init_model, "output_dir": output_dir, "run_name": run_name,
+                           "progress": steps,
                            "inject_failure": asdict(inject_failure) if inject_failure else None},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
@@ -393,7 +398,7 @@ def train(examples, init_model: str, output_dir: str, cfg: TrainConfig, *, run_n
     )
     t0 = time.perf_counter()
     try:
-        result = trainer.fit()
+        result = progress.follow_steps(steps, trainer.fit)
     except Exception as err:  # TrainingFailedError and friends: keep the cause, say how to resume
         raise TrainingError(f"training run {run_name!r} failed (max_failures={cfg.max_failures}); its checkpoints "
                             f"are kept and a re-run with the same run_name resumes it: {err}") from err
