@@ -1,8 +1,10 @@
 """Training throughput: the plain one-process torch loop vs Ray Train + DeepSpeed ZeRO.
 
-Same model, same data, same global batches (the trainer's deterministic plan) at equal
-total cores: the plain loop uses all cores as torch threads; Ray Train runs 1 worker with
-all of them, or 2 workers with half each. Reported per configuration:
+Same model, same data, same global batches (the trainer's deterministic plan) and the
+same ``train_step`` (``tripost_ray/training/recipe.py``: the torch backend in the plain
+loop, DeepSpeed in the Ray Train workers) at equal total cores: the plain loop uses all
+cores as torch threads; Ray Train runs 1 worker with all of them, or 2 workers with half
+each. Reported per configuration:
 
 * steady-state tokens/s: non-padding tokens over the summed step times of every step
   after the first ``--warmup-steps`` (step times are measured inside the loops, so they

@@ -179,11 +179,16 @@ def publish_dir(src: str, dst_url: str) -> None:
 
 
 @contextmanager
-def local_copy_dir(url: str) -> Iterator[str]:
-    """A local folder holding the contents of ``url`` (the folder itself if it is local)."""
+def local_copy_dir(url: str, what: str = "folder") -> Iterator[str]:
+    """A local folder holding the contents of ``url``: the folder itself if it is local,
+    else a temporary copy that is removed when the block ends (libraries such as
+    transformers load a model or tokenizer only from a local path). A missing folder is a
+    ``FileNotFoundError`` that says ``what`` was looked for."""
     fs, path = fs_for(url)
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"{what} not found: {url}")
     if is_local(url):
-        yield path
+        yield local_path(url)
         return
     with tempfile.TemporaryDirectory(prefix="tripost-") as tmp:
         fs.get(path.rstrip("/") + "/", tmp, recursive=True)

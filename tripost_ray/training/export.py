@@ -11,29 +11,11 @@ a rename, so a reader never sees a half-written model.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 
-import fsspec.core
-
-from tripost_ray.storage import is_local, local_path, publish_dir
+from tripost_ray.storage import publish_dir
 
 log = logging.getLogger(__name__)
-
-
-def localize_model(url: str) -> str:
-    """A local folder holding the model at ``url`` (downloaded to a temp dir for remote URLs)."""
-    if is_local(url):
-        path = local_path(url)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"init model folder not found: {url}")
-        return path
-    fs, path = fsspec.core.url_to_fs(url)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"init model not found: {url}")
-    dst = tempfile.mkdtemp(prefix="tripost-model-")
-    fs.get(path.rstrip("/") + "/", dst, recursive=True)
-    return dst
 
 
 def export_engine_model(engine, tokenizer, output_dir: str, rank: int) -> None:

@@ -1,21 +1,23 @@
 """Weighted fine-tuning on Ray Train (``TorchTrainer``) with DeepSpeed ZeRO.
 
 The driver (:func:`train`) turns the examples into a Ray Dataset and starts a
-``TorchTrainer``; every worker runs :func:`train_loop_per_worker`:
+``TorchTrainer``; every worker runs :func:`train_loop_per_worker`, a short driver of the
+training recipe (``recipe.py``) with the DeepSpeed backend (``backends.py``):
 
 1. reads the *whole* (small) dataset from ``ray.train.get_dataset_shard("train")`` (the
    dataset is not split: TriPosT's training sets are thousands of short texts, and a
    deterministic global batch plan is what makes restores exact and lets P ranks compute
    the same batches as one process; each rank then takes its slice of every global batch);
-2. tokenizes it (char-span weights onto tokens, ``dataset.py``) and plans the batches;
-3. builds the DeepSpeed engine (torch AdamW + warm-up/decay schedule, ``optim.py``; the
-   config from typed fields, ``deepspeed_config.py``; ``engine.py``) and restores from
-   ``ray.train.get_checkpoint()`` when Ray Train restarts the run (Ray Train V2 has no
-   ``resume_from_checkpoint``), skipping the steps already taken;
-4. trains with the exact global weighted loss (``loss.py``), reporting metrics through
-   ``ray.train.report`` and a logger, and a DeepSpeed checkpoint from every rank every
-   ``checkpoint_every_steps`` steps and at the end;
-5. exports a consolidated Hugging Face model + tokenizer (``export.py``).
+2. ``recipe.setup``: tokenizes it (char-span weights onto tokens, ``dataset.py``), plans
+   the batches, builds the DeepSpeed engine (torch AdamW + warm-up/decay schedule,
+   ``optim.py``; the config from typed fields, ``deepspeed_config.py``; ``engine.py``);
+3. ``recipe.restore`` from ``ray.train.get_checkpoint()`` when Ray Train restarts the run
+   (Ray Train V2 has no ``resume_from_checkpoint``), skipping the steps already taken;
+4. ``recipe.train_step`` per step with the exact global weighted loss (``loss.py``), then
+   ``recipe.maybe_checkpoint``: metrics through ``ray.train.report`` and a logger, and a
+   DeepSpeed checkpoint from every rank every ``checkpoint_every_steps`` steps and at the
+   end; then the hooks (:class:`FailureInjection`);
+5. ``recipe.export``: a consolidated Hugging Face model + tokenizer (``export.py``).
 
 Run identity: a run is (``storage_path``, ``run_name``). With ``resume=True`` an existing
 run of that name continues from its latest checkpoint (a re-started driver, a re-run
@@ -32,34 +34,20 @@ import math
 import os
 import signal
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tripost_ray import progress
 from tripost_ray.config import TrainConfig
-from tripost_ray.metrics import record_training_step
 from tripost_ray.ray_setup import init_ray
-from tripost_ray.training.dataset import (
-    REQUIRED_COLUMNS,
-    BatchGeometry,
-    TrainingDataError,
-    canonical_order,
-    collate,
-    data_fingerprint,
-    global_batch_totals,
-    plan_global_batches,
-    rank_micro_batches,
-    tokenize_rows,
-    validate_row,
-)
+from tripost_ray.training.dataset import REQUIRED_COLUMNS, TrainingDataError, validate_row
 from tripost_ray.training.deepspeed_config import (TrainSetupError, build_deepspeed_config, config_warnings,
                                                    resolve_precision)
+from tripost_ray.training.recipe import StepRecord, WeightedFinetuneRecipe
 
 log = logging.getLogger("tripost_ray.training")
 
-STATE_FILE = "trainer_state.json"
 SPEC_FILE = "tripost_train_spec.json"
 
 
@@ -87,6 +75,16 @@ class FailureInjection:
     marker: str
     rank: int = 0
     delay_s: float = 0.0
+
+    def after_step(self, record: StepRecord, rank: int) -> None:
+        """The hook the worker calls after each step (and its checkpoint, if any)."""
+        if record.step != self.step or rank != self.rank or os.path.exists(self.marker):
+            return
+        with open(self.marker, "w") as f:
+            f.write(f"killed rank {rank} after step {record.step}\n")
+        log.warning("failure injection: killing rank %d (pid %d) after step %d", rank, os.getpid(), record.step)
+        time.sleep(self.delay_s)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -121,21 +119,14 @@ def _load_rows_from_shard() -> list[dict]:
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # a small read; bars would only be noise
     shard = ray.train.get_dataset_shard("train")
-    rows = [{k: row[k] for k in (*REQUIRED_COLUMNS, "problem_id") if k in row} for row in shard.iter_rows()]
-    return canonical_order(rows)
+    return [{k: row[k] for k in (*REQUIRED_COLUMNS, "problem_id") if k in row} for row in shard.iter_rows()]
 
 
-def _save_checkpoint(engine, rank: int, state: dict, metrics: dict) -> None:
-    """Every rank saves its DeepSpeed shard, rank 0 adds the trainer state; then one report."""
+def _report(metrics: dict, checkpoint_dir: str | None) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    with tempfile.TemporaryDirectory(prefix="tripost-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=state["tag"], client_state={"step": state["step"]})
-        if rank == 0:
-            with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                json.dump(state, f)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
@@ -143,128 +134,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
     import ray.train
     import torch
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tripost_ray.training.engine import initialize_engine
-    from tripost_ray.training.export import export_engine_model, localize_model
-    from tripost_ray.training.loss import micro_batch_objective, weighted_token_loss_sum
-    from tripost_ray.training.optim import build_optimizer, build_scheduler
+    from tripost_ray.storage import local_copy_dir
 
     logging.basicConfig(level=logging.INFO)
     cfg = TrainConfig.model_validate(config["cfg"])
-    lr, epochs = float(config["learning_rate"]), float(config["epochs"])
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(_worker_threads(cfg))
-    torch.manual_seed(cfg.seed)
-
-    rows = _load_rows_from_shard()
-    fingerprint = data_fingerprint(rows)
-    model_dir = localize_model(config["init_model"])
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    examples = tokenize_rows(tokenizer, rows, cfg.max_seq_len)
-    if rank == 0 and any(e.truncated for e in examples):
-        log.warning("%d of %d examples were cut to max_seq_len=%d", sum(e.truncated for e in examples),
-                    len(examples), cfg.max_seq_len)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    geometry = BatchGeometry(cfg.micro_batch_size, cfg.grad_accum_steps, world)
-    plan = plan_global_batches([len(e) for e in examples], geometry, epochs, cfg.seed, cfg.length_bucket_window)
-    total = len(plan)
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.config.use_cache = False
-    optimizer = build_optimizer(model, cfg, lr)
-    scheduler = build_scheduler(optimizer, cfg, total)
-    ds_config = build_deepspeed_config(cfg, world, cfg.use_gpu, block_classes=model._no_split_modules or ())
-    engine, scheduler = initialize_engine(model, optimizer, scheduler, ds_config)
-    device = engine.device
-
-    start, history, tokens_done, restored_from = 0, [], 0, None
+    recipe = WeightedFinetuneRecipe(cfg, learning_rate=float(config["learning_rate"]),
+                                    epochs=float(config["epochs"]), rank=ctx.get_world_rank(),
+                                    world_size=ctx.get_world_size(), run_name=config["run_name"])
+    with local_copy_dir(config["init_model"], what="init model folder") as model_dir:
+        recipe.setup(_load_rows_from_shard(), model_dir, backend="deepspeed")
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            with open(os.path.join(ckpt_dir, STATE_FILE)) as f:
-                state = json.load(f)
-            if state["fingerprint"] != fingerprint or state["total_steps"] != total:
-                raise TrainSetupError(
-                    f"run {config['run_name']!r} has a checkpoint of different training data or batch plan "
-                    f"(data {state['fingerprint']} vs {fingerprint}, steps {state['total_steps']} vs {total}); "
-                    "use a new run name")
-            engine.load_checkpoint(ckpt_dir, tag=state["tag"], load_optimizer_states=True,
-                                   load_lr_scheduler_states=True)
-            start, history, tokens_done = state["step"], state["history"], state["tokens_trained"]
-            restored_from = start
-        if rank == 0:
-            log.info("restored run %s at step %d/%d", config["run_name"], start, total)
+            recipe.restore(ckpt_dir)
 
-    fault = config.get("inject_failure")
-    steps_per_epoch = math.ceil(len(examples) / geometry.global_batch_size)
-    # Per-step losses wait here as local sums of w*CE; one all-reduce of the whole vector
-    # fills them in at the next log, report or checkpoint (same steps on every rank).
-    pending: list[tuple[dict, torch.Tensor, float]] = []
+    hooks = [FailureInjection(**config["inject_failure"])] if config.get("inject_failure") else []
+    for step in range(recipe.start_step, recipe.total_steps):
+        record = recipe.train_step(step)
+        if recipe.rank == 0:
+            progress.report_step(config.get("progress"), record.step, recipe.total_steps)
+        recipe.maybe_checkpoint(record, _report)
+        for hook in hooks:
+            hook.after_step(record, recipe.rank)
 
-    def settle_losses() -> None:
-        if not pending:
-            return
-        sums = torch.stack([s for _, s, _ in pending])
-        dist.all_reduce(sums)
-        for (entry, _, weight), total_sum in zip(pending, sums.tolist()):
-            entry["loss"] = total_sum / max(weight, 1e-12)
-        pending.clear()
-
-    engine.train()
-    for step in range(start, total):
-        t0 = time.perf_counter()
-        weight_sum, step_tokens = global_batch_totals(examples, plan[step])
-        batches = [collate([examples[i] for i in mb], pad_id)
-                   for mb in rank_micro_batches(plan[step], rank, geometry)]
-        lr_now = scheduler.get_last_lr()[0]
-        # Collectives run on the engine's device: NCCL (GPU) has no CPU backend, gloo takes both.
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for b in batches:
-            ids, mask, w = (b[k].to(device) for k in ("input_ids", "attention_mask", "weights"))
-            logits = engine(input_ids=ids, attention_mask=mask).logits
-            s, _ = weighted_token_loss_sum(logits, ids, w)
-            engine.backward(micro_batch_objective(s, weight_sum, world_size=world,
-                                                  grad_accum_steps=cfg.grad_accum_steps))
-            engine.step()  # DeepSpeed updates (and steps the scheduler) at the accumulation boundary
-            loss_sum += s.detach().to(torch.float64)
-        dt = time.perf_counter() - t0
-        tokens_done += step_tokens
-        history.append({"step": step + 1, "loss": None, "lr": lr_now, "tokens": step_tokens,
-                        "tokens_per_s": step_tokens / dt if dt > 0 else 0.0, "step_time_s": dt,
-                        "epoch": (step + 1) / steps_per_epoch})
-        pending.append((history[-1], loss_sum, weight_sum))
-        done = step + 1
-        if rank == 0:
-            progress.report_step(config.get("progress"), done, total)
-        periodic = cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0
-        logged = done % cfg.log_every_steps == 0 or done == total or done == start + 1
-        if logged or periodic:
-            settle_losses()
-            metrics = dict(history[-1], total_steps=total)
-            if rank == 0 and logged:
-                log.info("step %d/%d loss %.4f lr %.3g tokens/s %.0f", done, total, metrics["loss"], lr_now,
-                         history[-1]["tokens_per_s"])
-                record_training_step(config["run_name"], done, metrics["loss"], history[-1]["tokens_per_s"])
-            if done == total or periodic:
-                state = {"step": done, "tag": f"step_{done}", "history": history, "tokens_trained": tokens_done,
-                         "fingerprint": fingerprint, "total_steps": total}
-                _save_checkpoint(engine, rank, state, metrics)
-            elif done % cfg.log_every_steps == 0:
-                ray.train.report(metrics)
-        if fault and fault["step"] == done and rank == fault["rank"] and not os.path.exists(fault["marker"]):
-            with open(fault["marker"], "w") as f:
-                f.write(f"killed rank {rank} after step {done}\n")
-            log.warning("failure injection: killing rank %d (pid %d) after step %d", rank, os.getpid(), done)
-            time.sleep(fault["delay_s"])
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    export_engine_model(engine, tokenizer, config["output_dir"], rank)
+    recipe.export(config["output_dir"])
     dist.barrier()
-    if rank != 0:
+    if recipe.rank != 0:
         return None
-    return {"history": history, "tokens_trained": tokens_done, "restored_from_step": restored_from}
+    return {"history": [h.to_dict() for h in recipe.history], "tokens_trained": recipe.tokens_trained,
+            "restored_from_step": recipe.restored_from}
 
 
 # ------------------------------------------------------------------ driver side
