@@ -1,25 +1,17 @@
 """The ``tripost`` command: run, experiment, eval, serve, report, submit.
 
-Each sub-command is a thin shell over a function of the package; handlers are imported
-lazily so ``tripost --help`` stays fast and a missing optional part names itself.
+Every handler lives here and is a thin shell over functions of the package: parse, call,
+print, exit code. The package is imported inside the handlers, so ``tripost --help``
+stays fast and a missing optional part names itself.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import logging
+import os
 import sys
-
-# sub-command -> "module:function(args) -> int"
-HANDLERS = {
-    "run": "tripost_ray.pipeline:main_run",
-    "experiment": "tripost_ray.experiment:main_experiment",
-    "eval": "tripost_ray.evaluate:main_eval",
-    "serve": "tripost_ray.serve.teacher:main_serve",
-    "report": "tripost_ray.report:main_report",
-    "submit": "tripost_ray.submit:main_submit",
-}
-
+import time
 
 #: What ``--quiet`` sets: progress as one log line per stage at start and end, no bars (CI logs).
 QUIET_OVERRIDES = ("progress=lines",)
@@ -77,20 +69,161 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+
+
+def cmd_run(args) -> int:
+    """``tripost run CONFIG [-o key=value ...] [--dry-run] [--force] [--quiet]``."""
+    from tripost_ray.config import load_config
+
+    setup_logging()
+    cfg = load_config(args.config, args.override)
+    print("# resolved config\n" + cfg.to_yaml())
+    if args.dry_run:
+        from tripost_ray.plan import print_plan
+        from tripost_ray.preflight import check_job
+
+        check_job(cfg)
+        print_plan(cfg)
+        return 0
+    from tripost_ray.pipeline import run_job
+    from tripost_ray.report import format_summary
+
+    print(format_summary(run_job(cfg, force=args.force)))
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    """``tripost experiment CONFIG [-o key=value ...] [--force] [--quiet]``."""
+    from tripost_ray.config import load_config
+    from tripost_ray.experiment import format_experiment, run_experiment
+
+    setup_logging()
+    cfg = load_config(args.config, args.override)
+    print("# resolved config\n" + cfg.to_yaml())
+    print(format_experiment(run_experiment(cfg, force=args.force)))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """``tripost eval --model PATH --task NAME [--problems FILE] --out FILE.json [-o k=v]``."""
+    from tripost_ray import progress, storage
+    from tripost_ray.config import load_config
+    from tripost_ray.evaluate import evaluate_model, format_metrics
+    from tripost_ray.models import ModelSourceError, resolve_model_source
+    from tripost_ray.preflight import check_output_file
+    from tripost_ray.ray_setup import init_ray
+    from tripost_ray.specs import JobSpecs
+    from tripost_ray.tasks import ProblemFormatError, UnknownTaskError, get_task, load_problems
+
+    cfg = load_config(None, list(args.override) + [f"task.name={args.task}"])  # ConfigError: main() reports it
+    check_output_file(args.out, "--out")  # before the evaluation, not after it
+    try:
+        task = get_task(args.task, **cfg.task.difficulty)
+        if args.problems:
+            problems = load_problems(task, args.problems)
+        else:
+            problems = (task.generate(cfg.task.n_test_seen, "test_seen", seed=cfg.task.seed)
+                        + task.generate(cfg.task.n_test_unseen, "test_unseen", seed=cfg.task.seed))
+        model = resolve_model_source(args.model, cfg.model.cache_dir)
+    except (UnknownTaskError, ProblemFormatError, ModelSourceError) as err:
+        print(f"tripost eval: {err}", file=sys.stderr)
+        return 2
+    if not problems:
+        print(f"tripost eval: no problems to evaluate ({args.problems or 'generated test splits'})", file=sys.stderr)
+        return 2
+    init_ray(cfg.ray)
+    progress.configure(cfg.progress)
+    with progress.stage("eval"):
+        metrics = evaluate_model(model, problems, JobSpecs(cfg).eval().generation)
+    metrics.update(model=args.model, task=task.name, problems=args.problems or "generated test splits")
+    storage.write_json(args.out, metrics)
+    print(f"{task.name}: {len(problems)} problems, model {args.model}")
+    print(format_metrics(metrics))
+    print(f"metrics written to {args.out}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """``tripost serve teacher``: serve until Ctrl-C. Everything that can be refused
+    (task, host without a key, a taken port) is refused in one line before Ray starts."""
+    from ray import serve
+
+    from tripost_ray.config import ConfigError
+    from tripost_ray.ray_setup import init_ray
+    from tripost_ray.serve.teacher import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MODEL, Faults, check_port_free,
+                                           check_teacher_args, openai_base_url, start_teacher)
+
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise ConfigError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
+    faults = Faults.parse(args.faults)
+    check_teacher_args(args.task, None, args.host, api_key)
+    if not os.environ.get("RAY_ADDRESS"):  # a fresh local cluster has no Serve: whoever holds the port is someone else
+        check_port_free(args.host, args.port)
+    init_ray()  # joins the cluster in RAY_ADDRESS, else starts a local one
+    root = start_teacher(args.task, host=args.host, port=args.port, latency_s=args.latency_s, faults=faults,
+                         api_key=api_key, max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+    where = "all interfaces" if args.host in ("0.0.0.0", "::") else "this address only"
+    print(f"teacher for {args.task} listening on {args.host}:{args.port} ({where}); "
+          f"key {'required' if api_key else 'not required'}")
+    print(f"  OpenAI:    base_url={openai_base_url(root)}  (POST /v1/chat/completions; from this machine)")
+    print(f"  Anthropic: base_url={root}  (POST /v1/messages; from this machine)")
+    print(f"  model:     {DEFAULT_MODEL} ; stats: GET {root}/stats ; Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+    return 0
+
+
+def cmd_report(args) -> int:
+    """``tripost report RUN``: rebuild and print a run's report."""
+    from tripost_ray.report import format_summary, rebuild_report
+
+    print(format_summary(rebuild_report(args.run)))
+    return 0
+
+
+def cmd_submit(args) -> int:
+    """``tripost submit CONFIG --address URL [-o key=value ...] [--no-wait]
+    [--runtime-env-pip REQ ...]``; exit code 0 only for SUCCEEDED."""
+    from tripost_ray.submit import SubmitError, submit_job
+
+    try:
+        submission_id, status = submit_job(args.config, args.address, args.override, wait=not args.no_wait,
+                                           pip=args.runtime_env_pip or None)
+    except SubmitError as err:
+        print(f"tripost submit: {err}", file=sys.stderr)
+        return 2
+    print(f"{submission_id}: {status}")
+    if args.no_wait:
+        print(f"follow it with: ray job logs --address {args.address} --follow {submission_id}")
+        return 0
+    return 0 if status == "SUCCEEDED" else 1
+
+
+HANDLERS = {"run": cmd_run, "experiment": cmd_experiment, "eval": cmd_eval, "serve": cmd_serve,
+            "report": cmd_report, "submit": cmd_submit}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):  # before the user's overrides, which still win
         args.override = [*QUIET_OVERRIDES, *args.override]
-    module, func = HANDLERS[args.command].split(":")
-    try:
-        handler = getattr(importlib.import_module(module), func)
-    except (ImportError, AttributeError) as err:
-        print(f"tripost {args.command}: not available ({err})", file=sys.stderr)
-        return 2
     from tripost_ray.config import ConfigError
 
     try:
-        return int(handler(args) or 0)
+        return int(HANDLERS[args.command](args) or 0)
+    except ModuleNotFoundError as err:  # an optional part that is not installed
+        print(f"tripost {args.command}: not available ({err})", file=sys.stderr)
+        return 2
     except ConfigError as err:
         print(f"tripost {args.command}: {err}", file=sys.stderr)
         return 2

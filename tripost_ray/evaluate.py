@@ -18,7 +18,6 @@ Metrics (``None`` where a denominator is zero):
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from typing import Any
 
@@ -124,44 +123,3 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     ]
     w = max(len(r[0]) for r in rows)
     return "\n".join(f"{a:<{w}}  {b:>7}  {c}" for a, b, c in rows)
-
-
-def main_eval(args) -> int:
-    """``tripost eval --model PATH --task NAME [--problems FILE] --out FILE.json [-o k=v]``."""
-    from tripost_ray import progress, storage
-    from tripost_ray.config import load_config
-    from tripost_ray.models import ModelSourceError, resolve_model_source
-    from tripost_ray.ray_setup import init_ray
-    from tripost_ray.specs import JobSpecs
-    from tripost_ray.tasks import ProblemFormatError, UnknownTaskError, get_task, load_problems
-
-    from tripost_ray.preflight import check_output_file
-
-    cfg = load_config(None, list(args.override) + [f"task.name={args.task}"])  # ConfigError: the CLI reports it
-    check_output_file(args.out, "--out")  # before the evaluation, not after it
-    try:
-        task = get_task(args.task, **cfg.task.difficulty)
-        if args.problems:
-            problems = load_problems(task, args.problems)
-        else:
-            problems = (task.generate(cfg.task.n_test_seen, "test_seen", seed=cfg.task.seed)
-                        + task.generate(cfg.task.n_test_unseen, "test_unseen", seed=cfg.task.seed))
-        model = resolve_model_source(args.model, cfg.model.cache_dir)
-    except (UnknownTaskError, ProblemFormatError, ModelSourceError) as err:
-        print(f"tripost eval: {err}", file=sys.stderr)
-        return 2
-    if not problems:
-        print(f"tripost eval: no problems to evaluate ({args.problems or 'generated test splits'})", file=sys.stderr)
-        return 2
-    init_ray(cfg.ray)
-    progress.configure(cfg.progress)
-    with progress.stage("eval"):
-        metrics = evaluate_model(model, problems, JobSpecs(cfg).eval().generation)
-    metrics["model"] = args.model
-    metrics["task"] = task.name
-    metrics["problems"] = args.problems or "generated test splits"
-    storage.write_json(args.out, metrics)
-    print(f"{task.name}: {len(problems)} problems, model {args.model}")
-    print(format_metrics(metrics))
-    print(f"metrics written to {args.out}")
-    return 0

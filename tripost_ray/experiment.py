@@ -26,8 +26,8 @@ import time
 from typing import Any
 
 from tripost_ray import storage
-from tripost_ray.config import JobConfig, load_config, set_dotted
-from tripost_ray.pipeline import check_existing_stages, gold_sft_stages, run_job, setup_logging
+from tripost_ray.config import JobConfig, set_dotted
+from tripost_ray.pipeline import check_existing_stages, gold_sft_stages, run_job
 from tripost_ray.specs import ModelOutput, TrainOutput
 from tripost_ray.preflight import check_job
 from tripost_ray.ray_setup import init_ray
@@ -266,13 +266,3 @@ def write_experiment(root: str, result: dict) -> None:
     storage.write_text_atomic(storage.join(root, "experiment.md"), "# TriPosT experiment\n\n" + format_experiment(result)
                               + "\n\n![accuracy per iteration](accuracy.png)\n")
     plot_accuracy(result, storage.join(root, "accuracy.png"))
-
-
-def main_experiment(args) -> int:
-    """``tripost experiment CONFIG [-o key=value ...] [--force]``."""
-    setup_logging()
-    cfg = load_config(args.config, args.override)
-    print("# resolved config\n" + cfg.to_yaml())
-    result = run_experiment(cfg, force=args.force)
-    print(format_experiment(result))
-    return 0

@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import tempfile
 import time
 from typing import Callable
 
 from tripost_ray import progress, storage
-from tripost_ray.config import JobConfig, load_config
+from tripost_ray.config import JobConfig
 from tripost_ray.models import token_counter
 from tripost_ray.ray_setup import init_ray
 from tripost_ray.specs import (EditingOutput, EvalOutput, JobSpecs, ModelInitOutput, PostprocessOutput,
@@ -382,29 +381,3 @@ def _start_teacher_if_enabled(cfg: JobConfig, run_root: str):
         section.base_url = openai_base_url(root) if section.provider == "openai" else root
         section.api_key_env = TEACHER_KEY_ENV
     return lambda: stop_teacher(app)
-
-
-# ------------------------------------------------------------------------- CLI
-
-
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
-
-
-def main_run(args) -> int:
-    """``tripost run CONFIG [-o key=value ...] [--dry-run] [--force]``."""
-    setup_logging()
-    cfg = load_config(args.config, args.override)
-    print("# resolved config\n" + cfg.to_yaml())
-    if args.dry_run:
-        from tripost_ray.plan import print_plan
-        from tripost_ray.preflight import check_job
-
-        check_job(cfg)
-        print_plan(cfg)
-        return 0
-    from tripost_ray.report import format_summary
-
-    summary = run_job(cfg, force=args.force)
-    print(format_summary(summary))
-    return 0

@@ -195,14 +195,14 @@ def write_report(root: str, summary: dict) -> None:
     storage.write_text_atomic(storage.join(root, "report.html"), page)
 
 
-def main_report(args) -> int:
-    """``tripost report RUN``: rebuild and print a run's report."""
-    root = storage.normalize(args.run)
+def rebuild_report(run: str) -> dict[str, Any]:
+    """Rewrite a run's report from its manifests; returns its summary. Refuses (and writes
+    nothing into) a folder that is not a run."""
+    root = storage.normalize(run)
     if not storage.exists(root):
         raise NotARunError(f"no run at {root}")
     if not storage.exists(storage.join(root, "config.yaml")) and not load_manifests(root):
         raise NotARunError(f"{root} is not a run folder (no config.yaml, no stage {MANIFEST}); nothing written")
     summary = summarize(root)
     write_report(root, summary)
-    print(format_summary(summary))
-    return 0
+    return summary

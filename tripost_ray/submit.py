@@ -261,24 +261,6 @@ def follow_job(client, submission_id: str, out: TextIO, *, timeout_s: float | No
 # ------------------------------------------------------------------------- CLI
 
 
-def main_submit(args) -> int:
-    """``tripost submit CONFIG --address URL [-o key=value ...] [--no-wait]
-    [--runtime-env-pip REQ ...]``; exit code 0 only for SUCCEEDED."""
-    try:
-        submission_id, status = submit_job(
-            args.config, args.address, args.override, wait=not args.no_wait,
-            pip=args.runtime_env_pip or None,
-        )
-    except SubmitError as err:
-        print(f"tripost submit: {err}", file=sys.stderr)
-        return 2
-    print(f"{submission_id}: {status}")
-    if args.no_wait:
-        print(f"follow it with: ray job logs --address {args.address} --follow {submission_id}")
-        return 0
-    return 0 if status == "SUCCEEDED" else 1
-
-
 def _driver(argv: list[str]) -> int:
     """The job's entrypoint on the cluster: check that the cluster's environment holds
     the API keys the config needs (names only are printed), then run the config like

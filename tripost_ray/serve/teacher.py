@@ -52,7 +52,6 @@ import hashlib
 import hmac
 import ipaddress
 import json
-import os
 import random
 import re
 import socket
@@ -712,37 +711,3 @@ def get_stats(root: str, api_key: str | None = None) -> dict:
 def reset_stats(root: str, api_key: str | None = None) -> None:
     """A teacher's ``POST /stats/reset``, with the key it checks."""
     _stats_request(root, "/stats/reset", api_key, "POST")
-
-
-def main_serve(args) -> int:
-    """``tripost serve teacher``: serve until Ctrl-C. Everything that can be refused
-    (task, host without a key, a taken port) is refused in one line before Ray starts."""
-    from tripost_ray.ray_setup import init_ray
-
-    api_key = None
-    if args.api_key_env:
-        api_key = os.environ.get(args.api_key_env)
-        if not api_key:
-            raise ConfigError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
-    faults = Faults.parse(args.faults)
-    check_teacher_args(args.task, None, args.host, api_key)
-    joining = bool(os.environ.get("RAY_ADDRESS"))
-    if not joining:  # a fresh local cluster has no Serve yet: whoever holds the port is someone else
-        check_port_free(args.host, args.port)
-    init_ray()  # joins the cluster in RAY_ADDRESS, else starts a local one
-    root = start_teacher(args.task, host=args.host, port=args.port, latency_s=args.latency_s, faults=faults,
-                         api_key=api_key, max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
-    where = "all interfaces" if args.host in ("0.0.0.0", "::") else "this address only"
-    print(f"teacher for {args.task} listening on {args.host}:{args.port} ({where}); "
-          f"key {'required' if api_key else 'not required'}")
-    print(f"  OpenAI:    base_url={openai_base_url(root)}  (POST /v1/chat/completions; from this machine)")
-    print(f"  Anthropic: base_url={root}  (POST /v1/messages; from this machine)")
-    print(f"  model:     {DEFAULT_MODEL} ; stats: GET {root}/stats ; Ctrl-C to stop", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        serve.shutdown()
-    return 0
