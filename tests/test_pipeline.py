@@ -189,7 +189,8 @@ def test_the_budget_is_the_jobs_across_iterations_and_resumes_and_the_cache_goes
     from tripost_ray.pipeline import run_job
 
     cache = tmp_path / "elsewhere" / "cache"
-    budget = {"editing.max_usd": 0.05, "editing.prices": "{tripost-teacher: {output_per_mtok: 25.0}}",
+    max_usd = 0.015
+    budget = {"editing.max_usd": max_usd, "editing.prices": "{tripost-teacher: {output_per_mtok: 25.0}}",
               "feedback.max_tokens": 400, "improve.max_tokens": 400, "editing.num_actors": 1,
               "editing.concurrency_per_actor": 1, "editing.cache_uri": str(cache), "task.n_train": 16,
               "task.n_test_seen": 4, "task.n_test_unseen": 4, "eval.initial": False, "eval.self_improve_rounds": 0}
@@ -197,14 +198,14 @@ def test_the_budget_is_the_jobs_across_iterations_and_resumes_and_the_cache_goes
     run_job(load_config(QUICKSTART, _overrides(sft_model_dir, tmp_path, "budget", serve_port, iterations=1, **budget)))
     run = tmp_path / "budget"
     first = json.loads((run / "iter_1/pass_0/editing/_MANIFEST.json").read_text())
-    assert first["budget_usd"] == 0.05
+    assert first["budget_usd"] == max_usd
     spent = first["summary"]["cost_usd"]
-    assert 0 < spent <= 0.05 and first["summary"]["calls"]["fbk"].get("over_budget", 0) > 0, first["summary"]
-    assert 0.05 - spent < reservation
+    assert 0 < spent <= max_usd and first["summary"]["calls"]["fbk"].get("over_budget", 0) > 0, first["summary"]
+    assert max_usd - spent < reservation
 
     run_job(load_config(QUICKSTART, _overrides(sft_model_dir, tmp_path, "budget", serve_port, iterations=2, **budget)))
     second = json.loads((run / "iter_2/pass_0/editing/_MANIFEST.json").read_text())
-    assert second["budget_usd"] == pytest.approx(0.05 - spent)
+    assert second["budget_usd"] == pytest.approx(max_usd - spent)
     assert second["summary"]["http_requests"] == 0 and second["summary"]["cost_usd"] == 0
     assert sum(n for role in second["summary"]["calls"].values() for n in role.values()) == \
         sum(role.get("over_budget", 0) for role in second["summary"]["calls"].values()) > 0

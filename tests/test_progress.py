@@ -18,6 +18,7 @@ from tripost_ray.config import RolloutConfig, build_config
 from tripost_ray.feedback.pool import run_editing
 from tripost_ray.feedback.synthetic import corrupted_rollouts
 from tripost_ray.rollout import run_rollouts
+from tripost_ray.specs import GenerationSpec, JobSpecs, TaskSpec
 from tripost_ray.stages import Run
 from tripost_ray.tasks import get_task
 
@@ -44,11 +45,12 @@ def _run_stages(tmp_path, tiny_model_dir) -> None:
     problems = get_task(TASK).generate(N_PROBLEMS, "train", seed=1)
     cfg = RolloutConfig(min_actors=1, max_actors=1, num_cpus_per_actor=0.5, torch_threads_per_actor=1, batch_size=4,
                         max_new_tokens=4, self_improve_rounds=0)
-    run.stage("iter_1/pass_0/rollouts", "h", lambda url: run_rollouts(
-        problems, tiny_model_dir, TASK, cfg, url, self_improve=False, temperature=0.0, seed=0).to_dict())
-    job = build_config({"editing": {"num_actors": 1, "concurrency_per_actor": 4, "cache": False}})
+    generation = GenerationSpec.build(cfg, TaskSpec(name=TASK), self_improve=False, temperature=0.0, seed=0)
+    run.stage("iter_1/pass_0/rollouts", "h",
+              lambda url: run_rollouts(problems, tiny_model_dir, generation, url).to_dict())
+    job = build_config({"task": {"name": TASK}, "editing": {"num_actors": 1, "concurrency_per_actor": 4}})
     rows = corrupted_rollouts(get_task(TASK), N_ROLLOUTS, seed=2)
-    run.stage("iter_1/pass_0/editing", "h", lambda url: run_editing(rows, TASK, job, url).to_dict())
+    run.stage("iter_1/pass_0/editing", "h", lambda url: run_editing(rows, JobSpecs(job).editing(), url).to_dict())
 
     def steps(url: str) -> dict:
         reporter = progress.step_reporter()
