@@ -51,7 +51,8 @@ def main() -> None:
 
     cfg = load_config(os.path.join(args.run, "config.yaml"))
     test = make_problems(get_task(cfg.task.name, **cfg.task.difficulty), cfg).test
-    checkpoints = sorted(glob.glob(os.path.join(args.run, "ray_train", "*-sft-*", "checkpoint_*")))
+    checkpoints = sorted(p for p in glob.glob(os.path.join(args.run, "ray_train", "*-sft-*", "checkpoint_*"))
+                         if os.path.isfile(os.path.join(p, "trainer_state.json")))
     if not checkpoints:
         raise SystemExit(f"no SFT checkpoints under {args.run}/ray_train (set train.checkpoint_every_steps)")
     init_ray(cfg.ray)
@@ -60,10 +61,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="tripost-ckpt-model-") as tmp:
             state = checkpoint_model(os.path.join(args.run, "model_init", "model"), checkpoint, tmp)
             metrics = evaluate_model(tmp, cfg.task.name, test, cfg)
-        row = {"step": state["step"], "tokens": state["tokens_trained"], "accuracy": metrics["accuracy"]}
+        train_s = sum(h["step_time_s"] for h in state["history"])
+        row = {"step": state["step"], "tokens": state["tokens_trained"], "train_s": round(train_s, 1),
+               "accuracy": metrics["accuracy"]}
         rows.append(row)
         acc = row["accuracy"]
-        print(f"step {row['step']}: {row['tokens']:,} tokens, seen {acc['seen']:.1%}, unseen {acc['unseen']:.1%}",
+        print(f"step {row['step']}: {row['tokens']:,} tokens in {train_s / 60:.1f} min of steps, seen {acc['seen']:.1%}, unseen {acc['unseen']:.1%}",
               flush=True)
     with open(os.path.join(args.run, "sft_checkpoints.json"), "w") as f:
         json.dump(rows, f, indent=1)
