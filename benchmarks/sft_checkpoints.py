@@ -45,12 +45,14 @@ def main() -> None:
 
     from tripost_ray.config import load_config
     from tripost_ray.evaluate import evaluate_model
-    from tripost_ray.pipeline import make_problems
     from tripost_ray.ray_setup import init_ray
+    from tripost_ray.specs import JobSpecs
     from tripost_ray.tasks import get_task
+    from tripost_ray.tasks.datasets import make_problems
 
     cfg = load_config(os.path.join(args.run, "config.yaml"))
-    test = make_problems(get_task(cfg.task.name, **cfg.task.difficulty), cfg).test
+    test = make_problems(get_task(cfg.task.name, **cfg.task.difficulty), cfg.task, cfg.sft.n_examples).test
+    generation = JobSpecs(cfg).eval().generation
     checkpoints = sorted(p for p in glob.glob(os.path.join(args.run, "ray_train", "*-sft-*", "checkpoint_*"))
                          if os.path.isfile(os.path.join(p, "trainer_state.json")))
     if not checkpoints:
@@ -60,7 +62,7 @@ def main() -> None:
     for checkpoint in checkpoints:
         with tempfile.TemporaryDirectory(prefix="tripost-ckpt-model-") as tmp:
             state = checkpoint_model(os.path.join(args.run, "model_init", "model"), checkpoint, tmp)
-            metrics = evaluate_model(tmp, cfg.task.name, test, cfg)
+            metrics = evaluate_model(tmp, test, generation)
         train_s = sum(h["step_time_s"] for h in state["history"])
         row = {"step": state["step"], "tokens": state["tokens_trained"], "train_s": round(train_s, 1),
                "accuracy": metrics["accuracy"]}
