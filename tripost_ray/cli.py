@@ -140,7 +140,8 @@ def cmd_eval(args) -> int:
     init_ray(cfg.ray)
     progress.configure(cfg.progress)
     with progress.stage("eval"):
-        metrics = evaluate_model(model, problems, JobSpecs(cfg).eval().generation)
+        metrics = evaluate_model(model, problems, JobSpecs(cfg).eval().generation,
+                                 verification_per_split=cfg.eval.verification_per_split)
     metrics.update(model=args.model, task=task.name, problems=args.problems or "generated test splits")
     storage.write_json(args.out, metrics)
     print(f"{task.name}: {len(problems)} problems, model {args.model}")

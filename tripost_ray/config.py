@@ -301,6 +301,10 @@ class EvalConfig(Section):
         "{bbh_style: {seen_group_sizes: [4], seen_nestings: ['2']}}; each set gets its own metrics.",
     )
     n_extra: int = Field(100, ge=1, description="Problems per extra test set.")
+    verification_per_split: int = Field(
+        50, ge=0, description="Verification probe (tripost_ray/verification.py): up to this many of the model's own "
+        "wrong first attempts and as many gold attempts per split, teacher-forced, and the feedback the model writes "
+        "on each judged. 0: off.")
 
 
 # ------------------------------------------------------------------------ teacher

@@ -85,20 +85,25 @@ def compute_metrics(records: list[dict]) -> dict[str, Any]:
 
 
 def evaluate_model(model_path: str, problems: list, spec: GenerationSpec,
-                   output_uri: str | None = None) -> dict[str, Any]:
+                   output_uri: str | None = None, verification_per_split: int = 0) -> dict[str, Any]:
     """Self-improving inference on ``problems`` through the rollout stage; metrics.
 
     ``spec`` is an evaluation's generation (greedy, the eval section's limits:
     :meth:`tripost_ray.specs.JobSpecs.eval`). Outputs go to ``output_uri`` (Parquet) or a
     temporary folder that is removed afterwards. Returns :func:`compute_metrics` plus
-    ``rollout`` (counts, tokens, throughput).
+    ``rollout`` (counts, tokens, throughput) and, when ``verification_per_split`` > 0,
+    ``verification`` (:func:`verification_probe` on the model's own first attempts).
     """
     from tripost_ray.rollout import read_rollouts, run_rollouts
 
     def run(out: str) -> dict[str, Any]:
         summary = run_rollouts(problems, model_path, spec, out)
-        metrics = compute_metrics(read_rollouts(out))
+        records = read_rollouts(out)
+        metrics = compute_metrics(records)
         metrics["rollout"] = summary.to_dict()
+        if verification_per_split:
+            outputs = {r["problem_id"]: r["output"] for r in records}
+            metrics["verification"] = verification_probe(model_path, problems, outputs, spec, verification_per_split)
         return metrics
 
     if output_uri is not None:
@@ -107,6 +112,28 @@ def evaluate_model(model_path: str, problems: list, spec: GenerationSpec,
         metrics = run(tmp)
         metrics["rollout"]["output_uri"] = None
         return metrics
+
+
+def verification_probe(model_path: str, problems: list, outputs: dict[str, str], spec: GenerationSpec,
+                       per_split: int) -> dict[str, Any]:
+    """:mod:`tripost_ray.verification` on one Ray worker shaped like a rollout actor (the
+    probe is a few hundred one-line generations: one worker, no pool); its metrics."""
+    import ray
+
+    from tripost_ray.verification import probe_items, probe_metrics
+
+    items = probe_items(spec.task.build(), problems, outputs, per_split)
+    pool = spec.pool
+    worker = ray.remote(num_cpus=pool.num_cpus_per_actor, num_gpus=pool.num_gpus_per_actor,
+                        resources=pool.resources_per_actor or None)(_probe_worker)
+    return probe_metrics(items, ray.get(worker.remote(spec, model_path, items)))
+
+
+def _probe_worker(spec: GenerationSpec, model_path: str, items: list) -> list[str]:
+    from tripost_ray.rollout import load_engine
+    from tripost_ray.verification import run_probe
+
+    return run_probe(load_engine(spec, model_path), spec.task.build(), items)
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -122,4 +149,9 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         ("correct -> wrong", pct(si["broken_correct_rate"]), f"{si['n_broken_correct']}/{si['n_attempted']}"),
     ]
     w = max(len(r[0]) for r in rows)
-    return "\n".join(f"{a:<{w}}  {b:>7}  {c}" for a, b, c in rows)
+    table = "\n".join(f"{a:<{w}}  {b:>7}  {c}" for a, b, c in rows)
+    if metrics.get("verification"):
+        from tripost_ray.verification import format_probe
+
+        table += "\n" + format_probe(metrics["verification"])
+    return table

@@ -134,7 +134,8 @@ class Job:
         spec = self.specs.eval()
 
         def body(url: str) -> EvalOutput:
-            metrics = evaluate_model(model, probs.test, spec.generation, output_uri=storage.join(url, "outputs"))
+            metrics = evaluate_model(model, probs.test, spec.generation, output_uri=storage.join(url, "outputs"),
+                                     verification_per_split=spec.eval.verification_per_split)
             extra = {}
             for name, options in spec.eval.extra_sets.items():
                 task = TaskSpec(name=spec.generation.task.name, options={**spec.generation.task.options, **options})

@@ -133,9 +133,30 @@ ACCURACY_HEADERS = ["iter", "seen", "unseen", "total", "SI attempted", "SI fixed
                     "train ex.", "LLM calls", "cache hits", "tokens", "USD"]
 
 
+def verification_rows(summary: dict) -> list[list[Any]]:
+    """The verification probe per iteration and split (iterations evaluated without it are left out)."""
+    rows = []
+    for it in summary["iterations"]:
+        probe = (it.get("metrics") or {}).get("verification")
+        for split in ("seen", "unseen") if probe else ():
+            w, g = probe[split]["wrong"], probe[split]["gold"]
+            rows.append([it["iteration"], split, w["n"], _pct(w["right_step"]), _pct(w["wrong_step"]),
+                         _pct(w["missed"]), _pct(w["malformed"]), g["n"], _pct(g["false_alarm"]),
+                         _pct(g["malformed"])])
+    return rows
+
+
+VERIFICATION_HEADERS = ["iter", "split", "own wrong", "flagged: right step", "other step", "called correct",
+                        "malformed", "gold", "false alarm", "malformed"]
+
+
 def format_summary(summary: dict) -> str:
     """The end-of-run summary table (accuracy, self-improvement, LLM usage, stage times)."""
     parts = ["", "## TriPosT summary: " + summary["run"], "", _table(ACCURACY_HEADERS, accuracy_rows(summary)), ""]
+    probe = verification_rows(summary)
+    if probe:  # can the model tell its own wrong attempts from gold ones (tripost_ray/verification.py)
+        parts += ["verification probe (feedback the model writes on attempts of known verdict):",
+                  _table(VERIFICATION_HEADERS, probe), ""]
     times = [[stage, f"{secs:.1f}"] for stage, secs in summary["stage_times_s"].items()]
     parts += [_table(["stage", "seconds"], times), ""]
     if summary.get("wall_s") is not None:

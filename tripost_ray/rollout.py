@@ -106,17 +106,8 @@ class GeneratorActor:
 
     def __init__(self, spec: GenerationSpec, model_path: str, fault_marker: str | None = None):
         import ray
-        import torch
 
-        from tripost_ray.generation import HFGenerationEngine
-        from tripost_ray.models import load_model_and_tokenizer, resolve_model_source
-
-        use_gpu = spec.pool.num_gpus_per_actor > 0
-        if not use_gpu:
-            torch.set_num_threads(torch_threads_for(spec.pool))
-        local = resolve_model_source(model_path, spec.cache_dir)
-        model, tokenizer = load_model_and_tokenizer(local, dtype=spec.dtype, device="cuda" if use_gpu else "cpu")
-        self.engine = HFGenerationEngine(model, tokenizer, batch_size=spec.batch_size)
+        self.engine = load_engine(spec, model_path)
         self.task = spec.task.build()
         self.spec = spec
         ctx = ray.get_runtime_context()
@@ -164,6 +155,22 @@ class GeneratorActor:
 
 
 # --------------------------------------------------------------------- stage
+
+
+def load_engine(spec: GenerationSpec, model_path: str):
+    """The generation engine of one pool worker: the model from ``spec.cache_dir`` in
+    ``spec.dtype``, on the worker's GPU or its share of the CPU threads."""
+    import torch
+
+    from tripost_ray.generation import HFGenerationEngine
+    from tripost_ray.models import load_model_and_tokenizer, resolve_model_source
+
+    use_gpu = spec.pool.num_gpus_per_actor > 0
+    if not use_gpu:
+        torch.set_num_threads(torch_threads_for(spec.pool))
+    local = resolve_model_source(model_path, spec.cache_dir)
+    model, tokenizer = load_model_and_tokenizer(local, dtype=spec.dtype, device="cuda" if use_gpu else "cpu")
+    return HFGenerationEngine(model, tokenizer, batch_size=spec.batch_size)
 
 
 def torch_threads_for(cfg: ActorPoolSpec) -> int:
