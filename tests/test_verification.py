@@ -59,14 +59,13 @@ def test_items_take_only_rejected_first_attempts_and_cap_each_split():
     for i, p in enumerate(problems):  # odd problems answered right, even ones with a changed number
         gold = TASK.gold_rationale(p)
         outputs[p.id] = (gold if i % 2 else corrupt_numbers(gold, rng)) + "\nFeedback: whatever"
-    expected_wrong = {p.id for p in problems if not TASK.verify(p, outputs[p.id].split("\nFeedback")[0]).is_correct}
+    rejected = [p for p in problems if not TASK.verify(p, outputs[p.id].split("\nFeedback")[0]).is_correct]
     items = probe_items(TASK, problems, outputs, per_split=3)
     wrong = [it for it in items if it.kind == "wrong"]
-    assert {it.problem.id for it in wrong} <= expected_wrong and all(not it.truth.is_correct for it in wrong)
-    for split in ("seen", "unseen"):
+    assert {it.problem.id for it in wrong} <= {p.id for p in rejected} and all(not it.truth.is_correct for it in wrong)
+    for split, name in (("seen", "test_seen"), ("unseen", "test_unseen")):
         assert sum(it.split == split and it.kind == "gold" for it in items) == 3
-        in_split = [p for p in expected_wrong if p in {q.id for q in problems if (q.split == "test_seen") == (split == "seen")}]
-        assert sum(it.split == split for it in wrong) == min(3, len(in_split))
+        assert sum(it.split == split for it in wrong) == min(3, sum(p.split == name for p in rejected))
     assert all(it.kind == "gold" for it in probe_items(TASK, problems, {}, per_split=2))  # no outputs: gold only
 
 
