@@ -128,3 +128,17 @@ def test_report_names_a_damaged_manifest(tmp_path, capsys):
     (stage / "_MANIFEST.json").write_text(json.dumps({"stage": "problems"})[:9])
     assert main(["report", str(tmp_path / "run")]) == 2
     assert f"{stage / '_MANIFEST.json'} is damaged: not valid JSON" in _one_line_error(capsys, "report")
+
+
+@pytest.mark.parametrize("command", ["run", "eval"])
+def test_vllm_engine_where_vllm_is_not_installed(tmp_path, tiny_model_dir, monkeypatch, capsys, command):
+    # stands in for a machine without vLLM (the test environment installs it)
+    monkeypatch.setattr("tripost_ray.vllm_engine.vllm_installed", lambda: False)
+    if command == "run":
+        assert _run(tmp_path, "rollout.engine=vllm", dry_run=True) == 2
+    else:
+        assert main(["eval", "--model", tiny_model_dir, "--task", "multistep_arithmetic", "--out",
+                     str(tmp_path / "m.json"), "-o", "rollout.engine=vllm"]) == 2
+    err = _one_line_error(capsys, command)
+    assert "rollout.engine: vllm is not installed" in err and "scripts/setup_env.sh" in err
+    assert not (tmp_path / "runs").exists()
