@@ -163,3 +163,8 @@ def test_the_rollout_stage_with_vllm_writes_every_problem_once(ray_cluster, sft_
                                                         temperature=1.0, top_p=0.95, seed=3)):
             want[p.id] = r.output
     assert {r["problem_id"]: r["output"] for r in rows} == want
+
+
+def test_a_head_size_vllm_cannot_run_on_cpu_is_refused_in_one_message(tiny_model_dir):
+    with pytest.raises(ValueError, match=r"head sizes .*the model at .* has 16 .*rollout.engine=hf"):
+        VLLMGenerationEngine(tiny_model_dir, dtype="float32")

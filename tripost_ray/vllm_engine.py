@@ -55,6 +55,23 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def _check_cpu_head_size(model_path: str) -> None:
+    """vLLM's CPU attention has kernels for some head sizes only; say so before it fails
+    with an internal error at the first request."""
+    import json
+
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    with open(os.path.join(model_path, "config.json")) as f:
+        config = json.load(f)
+    head = config.get("head_dim") or config.get("hidden_size", 0) // config.get("num_attention_heads", 1)
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head not in supported:
+        raise ValueError(f"vLLM on CPU supports attention head sizes {supported}; the model at {model_path} has "
+                         f"{head} (hidden_size / num_attention_heads): use rollout.engine=hf, or for a tiny model "
+                         f"a model.tiny.hidden_size / num_heads in that list")
+
+
 @dataclass
 class _Request:
     """One prompt's progress across its re-submitted segments."""
@@ -99,6 +116,8 @@ class VLLMGenerationEngine:
         import torch
         from vllm import LLM
 
+        if not use_gpu:
+            _check_cpu_head_size(model_path)
         set_num_threads = torch.set_num_threads
         if threads and not use_gpu:
             torch.set_num_threads(threads)
