@@ -24,8 +24,9 @@ logit differences the HF engine documents. vLLM's sampler is not HF's, so the tw
 sample different texts from the same seed: reproducibility is per engine.
 
 Limits. A stop string that spans the end of one re-submitted segment and the start of the next
-(possible only after a trigger in the middle of a line) is found when the request ends: the
-text is the same, ``generated_tokens`` may be higher than HF's. A prompt never generates past
+(a segment ends at a line end without a match: after a trigger in mid-line, or at every line
+end when there is no trigger) is found when the request ends: the text is the same,
+``generated_tokens`` may be higher than HF's. A prompt never generates past
 the model's ``max_position_embeddings`` (HF would): it stops with reason ``length`` there.
 """
 
