@@ -266,6 +266,18 @@ def _one_line_refusal(done: subprocess.CompletedProcess, reason: str) -> None:
     assert "Ray" not in done.stdout + done.stderr.replace("Ray Serve instance", "")  # refused before Ray started
 
 
+def test_the_command_and_a_jobs_teacher_share_their_defaults():
+    """``tripost serve teacher`` with no options is the teacher a job starts (one set of
+    defaults: the config's teacher section), so a user's client settings fit both."""
+    from tripost_ray.cli import build_parser
+    from tripost_ray.config import TeacherConfig
+
+    args = build_parser().parse_args(["serve", "teacher", "--task", ARITH])
+    section = TeacherConfig()
+    assert (args.host, args.port, args.latency_s, args.faults, args.max_body_bytes) == (
+        section.host, section.port, section.latency_s, section.faults, section.max_body_bytes)
+
+
 def test_a_second_teacher_on_a_served_port_is_refused(roots):
     _, port = _running_proxy()
     # a second `tripost serve teacher` (its own cluster) on the port this cluster's Serve holds: Serve's

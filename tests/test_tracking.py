@@ -13,7 +13,7 @@ from tripost_ray.tracking import Tracker, default_tracking_uri, stage_metrics
 
 
 def test_stage_metrics_use_the_iteration_as_step_and_history_steps():
-    manifest = {"stage": "iter_2/eval", "config_hash": "abc", "started_at": 1.0, "wall_s": 3.5, "skipped": False,
+    manifest = {"stage": "iter_2/eval", "config_hash": "abc", "started_at": 1.0, "wall_s": 3.5, "skipped": False, "format": 2,
                 "metrics": {"accuracy": {"seen": 0.5, "unseen": None}, "n": 10, "ok": True}}
     got = stage_metrics("iter_2/eval", manifest)
     assert sorted(got) == [("eval/metrics.accuracy.seen", 0.5, 2), ("eval/metrics.n", 10.0, 2),

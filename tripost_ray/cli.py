@@ -13,6 +13,8 @@ import os
 import sys
 import time
 
+from tripost_ray.config import TeacherConfig
+
 #: What ``--quiet`` sets: progress as one log line per stage at start and end, no bars (CI logs).
 QUIET_OVERRIDES = ("progress=lines",)
 
@@ -46,14 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve an application")
     serve_sub = serve.add_subparsers(dest="app", required=True)
     teacher = serve_sub.add_parser("teacher", help="the scripted teacher behind OpenAI + Anthropic wire formats")
+    defaults = TeacherConfig()  # the job's teacher section: one set of defaults for both ways to start it
     teacher.add_argument("--task", required=True)
-    teacher.add_argument("--host", default="127.0.0.1")
-    teacher.add_argument("--port", type=int, default=8000)
+    teacher.add_argument("--host", default=defaults.host)
+    teacher.add_argument("--port", type=int, default=defaults.port)
     teacher.add_argument("--api-key-env", default=None, help="require this env var's value as bearer key")
-    teacher.add_argument("--latency-s", type=float, default=0.0)
-    teacher.add_argument("--faults", default="", help="fault rates, e.g. '429=0.2,500=0.05,malformed=0.05,hang=0.01'")
-    teacher.add_argument("--max-body-bytes", type=int, default=None,
-                         help="refuse larger request bodies (413; default: teacher.max_body_bytes)")
+    teacher.add_argument("--latency-s", type=float, default=defaults.latency_s)
+    teacher.add_argument("--faults", default=defaults.faults,
+                         help="fault rates, e.g. '429=0.2,500=0.05,malformed=0.05,hang=0.01'")
+    teacher.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
+                         help="refuse larger request bodies (413)")
 
     rep = sub.add_parser("report", help="(re)write and print a run's report")
     rep.add_argument("run", help="run folder (fsspec URL)")
@@ -153,8 +157,8 @@ def cmd_serve(args) -> int:
 
     from tripost_ray.config import ConfigError
     from tripost_ray.ray_setup import init_ray
-    from tripost_ray.serve.teacher import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MODEL, Faults, check_port_free,
-                                           check_teacher_args, openai_base_url, start_teacher)
+    from tripost_ray.serve.teacher import (DEFAULT_MODEL, Faults, check_port_free, check_teacher_args,
+                                           openai_base_url, start_teacher)
 
     api_key = None
     if args.api_key_env:
@@ -167,7 +171,7 @@ def cmd_serve(args) -> int:
         check_port_free(args.host, args.port)
     init_ray()  # joins the cluster in RAY_ADDRESS, else starts a local one
     root = start_teacher(args.task, host=args.host, port=args.port, latency_s=args.latency_s, faults=faults,
-                         api_key=api_key, max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+                         api_key=api_key, max_body_bytes=args.max_body_bytes)
     where = "all interfaces" if args.host in ("0.0.0.0", "::") else "this address only"
     print(f"teacher for {args.task} listening on {args.host}:{args.port} ({where}); "
           f"key {'required' if api_key else 'not required'}")

@@ -28,10 +28,10 @@ from typing import Any
 from tripost_ray import storage
 from tripost_ray.config import JobConfig, set_dotted
 from tripost_ray.pipeline import check_existing_stages, gold_sft_stages, run_job
-from tripost_ray.specs import ModelOutput, TrainOutput
 from tripost_ray.preflight import check_job
 from tripost_ray.ray_setup import init_ray
 from tripost_ray.runlock import run_lock
+from tripost_ray.specs import ModelOutput, TrainOutput
 from tripost_ray.tracking import Tracker, child_config
 
 log = logging.getLogger("tripost")

@@ -36,7 +36,7 @@ from tripost_ray.config import JobConfig
 from tripost_ray.models import token_counter
 from tripost_ray.ray_setup import init_ray
 from tripost_ray.specs import (EditingOutput, EvalOutput, JobSpecs, ModelInitOutput, PostprocessOutput,
-                               ProblemsOutput, RolloutOutput, StageOutput, StageSpec, TrainOutput)
+                               ProblemsOutput, RolloutOutput, StageOutput, StageSpec, TaskSpec, TrainOutput)
 from tripost_ray.stages import Run, StageNotRun
 from tripost_ray.tasks import Problem
 from tripost_ray.tasks.datasets import Problems, gold_rows_for_tokens, gold_sft_examples, make_problems, tokenizer_corpus
@@ -130,7 +130,6 @@ class Job:
     def evaluate(self, t: int, model: str, probs: Problems, model_stage: str) -> EvalOutput:
         """Metrics on the test splits, plus one entry under ``extra`` per ``eval.extra_sets``."""
         from tripost_ray.evaluate import evaluate_model
-        from tripost_ray.specs import TaskSpec
 
         spec = self.specs.eval()
 

@@ -10,7 +10,7 @@ hand-written list of sections or overridden fields anywhere.
 
 The ``*Output`` models are the typed manifests: what a stage writes into its
 ``_MANIFEST.json`` besides the bookkeeping of :mod:`tripost_ray.stages`, read back with
-:meth:`tripost_ray.stages.Run.output`.
+:meth:`tripost_ray.pipeline.Job.output`.
 """
 
 from __future__ import annotations
@@ -33,9 +33,6 @@ from tripost_ray.config import (
     TinyModelConfig,
     TrainConfig,
 )
-
-#: Written into every manifest; a manifest without it was written before stage specs.
-SPEC_VERSION = 2
 
 
 class StageSpec(BaseModel):

@@ -42,7 +42,7 @@ log = logging.getLogger("tripost")
 
 STATE_FILE = "_TRACKING.json"
 #: Manifest fields that are bookkeeping, not measurements.
-NOT_METRICS = ("config_hash", "started_at", "skipped")
+NOT_METRICS = ("config_hash", "started_at", "skipped", "format")  # bookkeeping, not measurements
 #: Files of a run folder logged as artifacts when present.
 ARTIFACTS = ("report.md", "report.html", "report.json", "config.yaml", "experiment.json", "experiment.md",
              "accuracy.png")
