@@ -36,6 +36,19 @@ def shared_data_dir(name: str) -> Path:
     return path
 
 
+def require_vllm() -> None:
+    """Skip the calling test (or module) where vLLM is not installed; under ``CI=true`` fail:
+    CI's set-up installs it, so a missing vLLM there is a broken set-up, not a reason to skip."""
+    from tripost_ray.vllm_engine import vllm_installed
+
+    if vllm_installed():
+        return
+    reason = "vLLM is not installed (bash scripts/setup_env.sh installs it)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason}; CI=true requires it", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
 @pytest.fixture
 def without_s3fs(monkeypatch):
     """This process as on a machine without ``s3fs`` (whether or not this one has it), so

@@ -8,7 +8,7 @@ not ``tiny_model_dir`` (head size 16).
 from __future__ import annotations
 
 import dataclasses
-import os
+import gc
 import re
 
 import pytest
@@ -21,15 +21,11 @@ from tripost_ray.rollout import read_rollouts, run_rollouts
 from tripost_ray.specs import GenerationSpec, TaskSpec
 from tripost_ray.tasks import get_task
 from tripost_ray.trajectory import FEEDBACK_TAG, Turn, render_feedback, render_trajectory
-from tripost_ray.vllm_engine import VLLMGenerationEngine, vllm_installed
+from tripost_ray.vllm_engine import VLLMGenerationEngine
 
-from conftest import EASY_ARITHMETIC
+from conftest import EASY_ARITHMETIC, require_vllm
 
-if not vllm_installed():
-    _reason = "vLLM is not installed (bash scripts/setup_env.sh installs it)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{_reason}; CI=true requires it", pytrace=False)
-    pytest.skip(_reason, allow_module_level=True)
+require_vllm()
 
 TASK = "multistep_arithmetic"
 ROUND = dict(stop=STOP_STRINGS, stop_regex=FEEDBACK_LINE_RE, stop_regex_trigger=FEEDBACK_TAG.strip())
@@ -46,9 +42,30 @@ def problems(task):
 
 
 @pytest.fixture(scope="module")
-def engines(sft_model_dir):
+def vllm_for():
+    """``vllm_for(path)``: a vLLM engine on the model at ``path``, one live engine at a time.
+
+    vLLM keeps process-wide state (its parallel groups): destroying one engine tears it down
+    for every other engine in the process. An actor holds one engine for its life; these
+    tests switch models, so the previous engine is closed before the next one is built."""
+    live: dict[str, VLLMGenerationEngine] = {}
+
+    def get(path: str) -> VLLMGenerationEngine:
+        if path not in live:
+            live.clear()
+            gc.collect()
+            live[path] = VLLMGenerationEngine(path, dtype="float32")
+        return live[path]
+
+    yield get
+    live.clear()
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def engines(sft_model_dir, vllm_for):
     model, tok = load_model_and_tokenizer(sft_model_dir, dtype="float32", device="cpu")
-    return HFGenerationEngine(model, tok, batch_size=5), VLLMGenerationEngine(sft_model_dir, dtype="float32")
+    return HFGenerationEngine(model, tok, batch_size=5), lambda: vllm_for(sft_model_dir)
 
 
 def _same(a, b) -> None:
@@ -58,7 +75,7 @@ def _same(a, b) -> None:
 
 
 def test_greedy_vllm_equals_hf_with_every_stop_rule(engines, task, problems):
-    hf, vllm = engines
+    hf, vllm = engines[0], engines[1]()
     prompts = [task.prompt(p) for p in problems] + ["Q: (3 + 4) =\nAnswer:", "Q:"]
     _same(hf.generate(prompts, SamplingParams(max_new_tokens=40)), vllm.generate(prompts, SamplingParams(max_new_tokens=40)))
     # the round's stops; then a regex whose trigger the model writes in mid-line (so the
@@ -78,7 +95,7 @@ def test_greedy_vllm_equals_hf_with_every_stop_rule(engines, task, problems):
 def test_vllm_sampling_repeats_for_a_seed_whatever_the_batch(engines, task, problems):
     """Per-engine reproducibility: a prompt's sample depends on its seed only. vLLM samples
     with its own generator, so its texts are not HF's for the same seed."""
-    hf, vllm = engines
+    hf, vllm = engines[0], engines[1]()
     prompts = [task.prompt(p) for p in problems]
     seeds = [derive_seed(7, p.id) for p in problems]
     params = SamplingParams(max_new_tokens=48, temperature=1.0, top_p=0.9, seed=7, **ROUND)
@@ -122,11 +139,11 @@ def feedback_model_dir(tmp_path_factory, task):
     return out, problems
 
 
-def test_self_improving_inference_through_vllm_equals_hf(feedback_model_dir, task):
+def test_self_improving_inference_through_vllm_equals_hf(feedback_model_dir, vllm_for, task):
     path, problems = feedback_model_dir
     model, tok = load_model_and_tokenizer(path, dtype="float32", device="cpu")
     hf = HFGenerationEngine(model, tok, batch_size=4)
-    vllm = VLLMGenerationEngine(path, dtype="float32")
+    vllm = vllm_for(path)
     kw = dict(max_new_tokens=300, max_rounds=2)  # an attempt is ~200 tokens with this tokenizer
     a = self_improving_inference(hf, task, problems, **kw)
     b = self_improving_inference(vllm, task, problems, **kw)
@@ -143,19 +160,24 @@ def test_self_improving_inference_through_vllm_equals_hf(feedback_model_dir, tas
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("actors, kill_one", [(1, False), (2, False), (1, True)], ids=["1-actor", "2-actors", "killed-actor"])
 def test_the_rollout_stage_with_vllm_writes_every_problem_once(ray_cluster, sft_model_dir, engines, task, problems,
-                                                               tmp_path):
-    cfg = RolloutConfig(engine="vllm", min_actors=1, max_actors=1, num_cpus_per_actor=0.5, torch_threads_per_actor=1,
-                        batch_size=5, max_new_tokens=32, self_improve_rounds=1, top_p=0.95)
+                                                               tmp_path, actors, kill_one):
+    """Every problem exactly once, with the samples this process's engine draws for the same
+    batches: with one actor, two actors, and an actor killed on its first batch (Ray Data
+    restarts it and redoes that batch)."""
+    cfg = RolloutConfig(engine="vllm", min_actors=actors, max_actors=actors, num_cpus_per_actor=0.5,
+                        torch_threads_per_actor=1, batch_size=5, max_new_tokens=32, self_improve_rounds=1, top_p=0.95,
+                        max_actor_restarts=2)
     spec = GenerationSpec.build(cfg, TaskSpec(name=TASK, options=EASY_ARITHMETIC), self_improve=True, temperature=1.0,
                                 seed=3)
-    out = str(tmp_path / "rollouts")
-    summary = run_rollouts(problems, sft_model_dir, spec, out)
+    out, marker = str(tmp_path / "rollouts"), tmp_path / "actor-died"
+    summary = run_rollouts(problems, sft_model_dir, spec, out, fault_marker=str(marker) if kill_one else None)
+    assert marker.exists() == kill_one, "the fault hook did not fire: the test would prove nothing"
     rows = read_rollouts(out)
     assert [r["problem_id"] for r in rows] == sorted(p.id for p in problems)
     assert summary.n_written == len(problems) and summary.generated_tokens > 0
-    # the actor's engine samples what this process's engine samples from the same batches
-    local = engines[1]
+    local = engines[1]()
     want = {}
     for i in range(0, len(problems), 5):
         batch = problems[i:i + 5]
