@@ -7,6 +7,7 @@ Runs, in one process and one local Ray instance:
      ``load_model_and_tokenizer`` and checked to be bf16 on CUDA (the ``dtype=auto`` rule);
   c. the rollout stage (``run_rollouts``) on a Ray Data actor that holds the whole GPU:
      every problem written exactly once, the actor placed where Ray gave it a GPU, tokens/s;
+     then the same with ``rollout.engine: vllm`` (bf16, one engine on the GPU), tokens/s;
   d. gold-rationale SFT through Ray Train + DeepSpeed ZeRO-2 on one GPU worker (NCCL,
      ``precision=auto`` = bf16): the loss falls and the exported model reloads in bf16 on
      CUDA and generates;
@@ -154,11 +155,29 @@ def main() -> int:
     DataContext.get_current().enable_progress_bars = False
     log(f"ray cluster resources: {ray.cluster_resources()}")
 
-    @step("c_rollout_stage")
-    def _c():
+    def rollout_check(engine: str) -> dict:
+        """The rollout stage with ``engine`` on one actor holding the whole GPU: every problem
+        exactly once; its summary (tokens/s is per GPU: one GPU)."""
         from tripost_ray.rollout import read_rollouts, run_rollouts
         from tripost_ray.specs import GenerationSpec, TaskSpec
 
+        cfg = RolloutConfig(engine=engine, num_gpus_per_actor=1 if gpu else 0, num_cpus_per_actor=1, batch_size=32,
+                            max_new_tokens=args.max_new_tokens, wait_for_actors_s=300)
+        uri = str(out / f"rollouts_{engine}")
+        spec = GenerationSpec.build(cfg, TaskSpec(name=TASK), self_improve=False, temperature=1.0, seed=0)
+        summary = run_rollouts(test_problems, model_dir, spec, uri)
+        rows = read_rollouts(uri)
+        ids = [r["problem_id"] for r in rows]
+        assert len(ids) == len(set(ids)) == len(test_problems), f"{len(ids)} rows, {len(set(ids))} distinct"
+        assert set(ids) == {p.id for p in test_problems}, "rows are not the problems asked for"
+        s = summary.to_dict()
+        log(f"rollout summary ({engine}): " + json.dumps({k: s[k] for k in (
+            "n_problems", "n_written", "n_correct", "generated_tokens", "wall_time_s", "tokens_per_s",
+            "problems_per_s", "n_actors_seen", "n_nodes_seen", "stop_reasons")}))
+        return {"summary": {k: v for k, v in s.items() if k != "output_uri"}}
+
+    @step("c_rollout_stage")
+    def _c():
         @ray.remote(num_gpus=1 if gpu else 0, num_cpus=1)
         def placement() -> dict:
             import torch
@@ -168,24 +187,21 @@ def main() -> int:
 
         seen = ray.get(placement.remote())
         log(f"a task holding num_gpus={1 if gpu else 0} sees: {seen}")
-        cfg = RolloutConfig(num_gpus_per_actor=1 if gpu else 0, num_cpus_per_actor=1, batch_size=32,
-                            max_new_tokens=args.max_new_tokens, wait_for_actors_s=300)
-        uri = str(out / "rollouts")
-        spec = GenerationSpec.build(cfg, TaskSpec(name=TASK), self_improve=False, temperature=1.0, seed=0)
-        summary = run_rollouts(test_problems, model_dir, spec, uri)
-        rows = read_rollouts(uri)
-        ids = [r["problem_id"] for r in rows]
-        assert len(ids) == len(set(ids)) == len(test_problems), f"{len(ids)} rows, {len(set(ids))} distinct"
-        assert set(ids) == {p.id for p in test_problems}, "rows are not the problems asked for"
-        s = summary.to_dict()
-        log("rollout summary: " + json.dumps({k: s[k] for k in (
-            "n_problems", "n_written", "n_correct", "generated_tokens", "wall_time_s", "tokens_per_s",
-            "problems_per_s", "n_actors_seen", "n_nodes_seen", "stop_reasons")}))
+        result = rollout_check("hf")
         # The actor loads its model on "cuda" whenever num_gpus_per_actor > 0, so a finished
         # GPU stage means the actor had a GPU; the task above shows what Ray hands such a worker.
         if gpu:
             assert seen["cuda_available"] and seen["gpu_ids"], f"a GPU-holding Ray worker saw no GPU: {seen}"
-        return {"placement": seen, "summary": {k: v for k, v in s.items() if k != "output_uri"}}
+        return {"placement": seen, **result}
+
+    @step("c_rollout_stage_vllm")
+    def _c_vllm():
+        """The same stage with rollout.engine: vllm (bf16 by dtype=auto on GPU, prefix caching,
+        one engine per actor, the actor holding the GPU)."""
+        from tripost_ray.vllm_engine import INSTALL_HINT, vllm_installed
+
+        assert vllm_installed(), f"vLLM is not installed: {INSTALL_HINT}"
+        return rollout_check("vllm")
 
     # ------------------------------------------------------------------ d/e. training
     from tripost_ray.generation import HFGenerationEngine, SamplingParams

@@ -1,22 +1,31 @@
-"""Rollout throughput: a plain single-process generate loop vs the Ray Data stage.
+"""Rollout throughput: a bare single-process engine loop vs the Ray Data stage, per engine.
 
-The same model, prompts, batch size, sampling seed and token budget go through
+The same model, prompts, batch size, sampling seed and token budget go through, for each
+engine of ``--engines`` (``hf``: transformers ``generate``; ``vllm``: continuous batching)
 
-  (a) a plain loop in this process (``self_improving_inference`` over an
-      ``HFGenerationEngine``) with torch using all cores, and
+  (a) a bare loop in this process (``self_improving_inference`` over the engine that
+      ``rollout.build_engine`` builds for the stage) with all cores, and
   (b) the Ray Data rollout stage (``run_rollouts``) with 1 actor using all cores and with
-      2 actors using half the cores each (equal cores in all three).
+      2 actors using half the cores each (equal cores in all; ``--actors`` picks).
 
-Reported: generated tokens/s, problems/s and the ratios (b)/(a), all from one run. Each
-timed run includes loading the model (the plain loop) or starting the actors and loading
-the model in them (the stage), so the stage pays its real per-stage cost; the one-off
-``ray.init`` is timed and reported separately. Per-problem seeds and the same batches make
-all three runs generate the same tokens, which the script checks; their thread counts
-differ, so their logits may differ in the last bits, which the vocabulary-order sampler
-turns into another token only very rarely (``tripost_ray.generation``). On a GPU machine every run uses the
-GPU(s) and tokens/s per GPU are reported.
+and that for two rounds (``--rounds``): the first round's prompts, then a second round whose
+prompts carry each problem's first-round output from the plain HF loop (the prompt grows by
+a first attempt, as a self-improvement round's does; every variant gets the same prompts).
 
-    python benchmarks/rollout.py                     # default: about 3-4 minutes on 2 idle cores
+Reported per round and over all rounds: generated tokens/s, problems/s and the ratios to
+the plain HF loop and to the engine's own bare loop. Each timed run includes loading the
+model (bare loop: in its first round only) or starting the actors and loading the model in
+them (the stage, every round), so the stage pays its real per-stage cost; ``steady_*``
+rates exclude that start-up, and the one-off ``ray.init`` is timed and reported separately.
+Per-problem seeds and the same batches make every variant of one engine generate the same
+tokens, which the script checks; their thread counts differ, so their logits may differ in
+the last bits, which the samplers turn into another token only very rarely
+(``tripost_ray.generation``). HF and vLLM sample differently, so they are compared with
+each other only for greedy decoding (``--temperature 0``). On a GPU machine every run uses
+the GPU(s) and tokens/s per GPU are reported.
+
+    python benchmarks/rollout.py                     # hf only: about 3-4 minutes on 2 idle cores
+    python benchmarks/rollout.py --engines hf,vllm --rounds 2
     python benchmarks/rollout.py --problems 32 --max-new-tokens 32   # a quick look
 
 Writes benchmarks/results/rollout.json and prints a table.
@@ -68,56 +77,89 @@ def versions() -> dict:
     return out
 
 
-def plain_loop(model_dir: str, task, problems, args, threads: int, device: str) -> dict:
-    """(a): one process, one engine, all cores."""
-    import torch
-
-    from tripost_ray.generation import HFGenerationEngine
-    from tripost_ray.inference import self_improving_inference
-    from tripost_ray.models import load_model_and_tokenizer
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        t0 = time.perf_counter()
-        model, tok = load_model_and_tokenizer(model_dir, device=device)
-        engine = HFGenerationEngine(model, tok, batch_size=args.batch_size)
-        t_gen = time.perf_counter()
-        results = []
-        for start in range(0, len(problems), args.batch_size):  # the same batches the stage gets
-            results += self_improving_inference(
-                engine, task, problems[start:start + args.batch_size], max_new_tokens=args.max_new_tokens,
-                max_rounds=0, temperature=args.temperature, seed=args.seed, self_improve=False)
-        wall = time.perf_counter() - t0
-        generate_wall = time.perf_counter() - t_gen
-    finally:
-        torch.set_num_threads(before)
-    tokens = sum(r.generated_tokens for r in results)
-    return {"wall_s": wall, "generate_wall_s": generate_wall, "generated_tokens": tokens, "problems": len(results),
-            "outputs": {r.problem_id: r.output for r in results}}
-
-
-def ray_stage(model_dir: str, problems, args, actors: int, threads: int, gpus_per_actor: float, out: str) -> dict:
-    """(b): the Ray Data stage with ``actors`` generator actors of ``threads`` threads each."""
+def _spec(args, engine: str, actors: int, threads: int, gpus_per_actor: float):
+    """The stage's generation spec; the bare loop builds its engine from the same spec."""
     from tripost_ray.config import RolloutConfig
-    from tripost_ray.rollout import read_rollouts, run_rollouts
     from tripost_ray.specs import GenerationSpec, TaskSpec
 
-    cfg = RolloutConfig(min_actors=actors, max_actors=actors, num_cpus_per_actor=0.5,
+    cfg = RolloutConfig(engine=engine, min_actors=actors, max_actors=actors, num_cpus_per_actor=0.5,
                         num_gpus_per_actor=gpus_per_actor, torch_threads_per_actor=threads,
                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, self_improve_rounds=0,
                         top_p=1.0)
-    t0, t_wall0 = time.perf_counter(), time.time()
-    spec = GenerationSpec.build(cfg, TaskSpec(name="multistep_arithmetic"), self_improve=False,
+    return GenerationSpec.build(cfg, TaskSpec(name="multistep_arithmetic"), self_improve=False,
                                 temperature=args.temperature, seed=args.seed)
-    summary = run_rollouts(problems, model_dir, spec, out)
+
+
+def bare_loop(engine_name: str, model_dir: str, task, rounds: list, args, threads: int, device: str) -> list[dict]:
+    """(a): one process, one engine, all cores, the stage's batches; one result per round
+    (the model is loaded once, in the first round's time). ``rounds`` holds the first round's
+    problems and, when given, the later rounds'; missing ones are made from this loop's own
+    outputs with :func:`second_round` (appended to ``rounds``)."""
+    import torch
+
+    from tripost_ray.inference import self_improving_inference
+    from tripost_ray.rollout import build_engine
+
+    before = torch.get_num_threads()
+    out = []
+    try:
+        t0 = time.perf_counter()
+        engine = build_engine(_spec(args, engine_name, 1, threads, 1.0 if device == "cuda" else 0.0), model_dir)
+        load_s = time.perf_counter() - t0
+        for i in range(args.rounds):
+            if i == len(rounds):
+                rounds.append(second_round(rounds[0], out[-1]["outputs"]))
+            problems = rounds[i]
+            t_gen = time.perf_counter()
+            results = []
+            for start in range(0, len(problems), args.batch_size):  # the same batches the stage gets
+                results += self_improving_inference(
+                    engine, task, problems[start:start + args.batch_size], max_new_tokens=args.max_new_tokens,
+                    max_rounds=0, temperature=args.temperature, seed=args.seed, self_improve=False)
+            generate_wall = time.perf_counter() - t_gen
+            out.append({"wall_s": generate_wall + (load_s if not out else 0.0), "generate_wall_s": generate_wall,
+                        "start_s": load_s if not out else 0.0,
+                        "generated_tokens": sum(r.generated_tokens for r in results), "problems": len(results),
+                        "outputs": {r.problem_id: r.output for r in results}})
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def ray_stage(engine: str, model_dir: str, problems, args, actors: int, threads: int, gpus_per_actor: float,
+              out: str) -> dict:
+    """(b): the Ray Data stage with ``actors`` generator actors of ``threads`` threads each."""
+    from tripost_ray.rollout import read_rollouts, run_rollouts
+
+    t0, t_wall0 = time.perf_counter(), time.time()
+    summary = run_rollouts(problems, model_dir, _spec(args, engine, actors, threads, gpus_per_actor), out)
     wall = time.perf_counter() - t0
     rows = read_rollouts(out)
     first_batch = min(r["batch_started_at"] for r in rows)
     generating = max(r["batch_finished_at"] for r in rows) - first_batch
     return {"wall_s": wall, "generated_tokens": summary.generated_tokens, "problems": summary.n_written,
-            "actors_seen": summary.n_actors_seen, "actor_start_s": first_batch - t_wall0,
+            "actors_seen": summary.n_actors_seen, "start_s": first_batch - t_wall0,
             "steady_wall_s": generating, "outputs": {r["problem_id"]: r["output"] for r in rows}}
+
+
+def second_round(problems, outputs: dict[str, str]):
+    """Problems whose prompt carries their first-round output before the answer prompt (a
+    longer prompt, as in a self-improvement round); ids are kept, so seeds and batches stay."""
+    from dataclasses import replace
+
+    return [replace(p, question=f"{p.question}\nAnswer: {outputs[p.id]}") for p in problems]
+
+
+#: The bare loop's variant name per engine (``plain_loop``: the HF baseline, as before engines).
+BARE = {"hf": "plain_loop", "vllm": "bare_vllm"}
+
+
+def _total(rounds: list[dict]) -> dict:
+    """One run's rounds added up (wall times, tokens, problems, start-up)."""
+    total = {k: sum(r[k] for r in rounds) for k in ("wall_s", "generated_tokens", "problems", "start_s")}
+    steady = "steady_wall_s" if "steady_wall_s" in rounds[0] else "generate_wall_s"
+    total[steady] = sum(r[steady] for r in rounds)
+    return total
 
 
 def rates(run: dict, n_gpus: int) -> dict:
@@ -134,8 +176,8 @@ def rates(run: dict, n_gpus: int) -> dict:
     return out
 
 
-def _ray_runs(args, model_dir: str, problems, n_gpus: int, tmp: str, results: dict) -> float:
-    """Start Ray (timed apart) and run the stage with 1 and 2 actors."""
+def _ray_runs(args, model_dir: str, rounds: list, n_gpus: int, tmp: str, results: dict) -> float:
+    """Start Ray (timed apart) and run the stage with each engine and actor count, each round."""
     import ray
     from ray.data import DataContext
 
@@ -146,12 +188,15 @@ def _ray_runs(args, model_dir: str, problems, n_gpus: int, tmp: str, results: di
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     try:
-        for actors in (1, 2):
-            threads = max(1, args.cores // actors)
-            gpus = (1.0 if n_gpus >= actors else n_gpus / actors) if n_gpus else 0.0
-            print(f"(b) Ray Data stage, {actors} actor(s) x {threads} threads ...", flush=True)
-            results[f"ray_{actors}_actor"] = ray_stage(model_dir, problems, args, actors, threads, gpus,
-                                                       os.path.join(tmp, f"out{actors}"))
+        for engine in args.engines:
+            for actors in args.actors:
+                threads = max(1, args.cores // actors)
+                gpus = (1.0 if n_gpus >= actors else n_gpus / actors) if n_gpus else 0.0
+                name = f"ray_{actors}_actor" + ("" if engine == "hf" else f"_{engine}")
+                print(f"(b) Ray Data stage, {engine}, {actors} actor(s) x {threads} threads ...", flush=True)
+                results[name] = [ray_stage(engine, model_dir, problems, args, actors, threads, gpus,
+                                           os.path.join(tmp, f"{name}_round{i}"))
+                                 for i, problems in enumerate(rounds, 1)]
     finally:
         ray.shutdown()
     return ray_init_s
@@ -169,9 +214,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="cores given to every variant")
     p.add_argument("--model", default=None, help="an existing model folder (default: build a tiny one)")
     p.add_argument("--plain-only", action="store_true",
-                   help="only the plain loop (a machine without Ray, e.g. to read a GPU's tokens/s)")
+                   help="only the bare loops (a machine without Ray, e.g. to read a GPU's tokens/s)")
+    p.add_argument("--engines", default="hf", help="comma-separated: hf (always measured: the baseline), vllm")
+    p.add_argument("--actors", default="1,2", help="comma-separated actor counts of the Ray Data stage")
+    p.add_argument("--rounds", type=int, default=1, choices=(1, 2),
+                   help="2: also a second round whose prompts carry the first round's output")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rollout.json"))
     args = p.parse_args(argv)
+    args.engines = ["hf"] + [e for e in args.engines.split(",") if e and e != "hf"]
+    if set(args.engines) - set(BARE):
+        p.error(f"--engines: unknown {sorted(set(args.engines) - set(BARE))}; allowed: {sorted(BARE)}")
+    args.actors = [int(a) for a in args.actors.split(",")]
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
@@ -194,29 +247,48 @@ def main(argv: list[str] | None = None) -> dict:
             corpus = [task.prompt(q) for q in corpus_ps + problems] + [task.gold_rationale(q) for q in corpus_ps]
             model_dir = build_tiny_model(tiny, corpus, os.path.join(tmp, "model"))
 
-        results: dict[str, dict] = {}
-        print(f"(a) plain loop, {args.cores} threads ...", flush=True)
-        results["plain_loop"] = plain_loop(model_dir, task, problems, args, args.cores, device)
+        results: dict[str, list[dict]] = {}
+        rounds = [problems]
+        for engine in args.engines:
+            name = BARE[engine]
+            print(f"(a) {name}, {args.cores} threads, {args.rounds} round(s) ...", flush=True)
+            results[name] = bare_loop(engine, model_dir, task, rounds, args, args.cores, device)
 
         ray_init_s = None
         if not args.plain_only:
-            ray_init_s = _ray_runs(args, model_dir, problems, n_gpus, tmp, results)
+            ray_init_s = _ray_runs(args, model_dir, rounds, n_gpus, tmp, results)
 
-    same = all(r["outputs"] == results["plain_loop"]["outputs"] for r in results.values()) if len(results) > 1 else None
-    n_gpus_used = {"plain_loop": min(n_gpus, 1), "ray_1_actor": min(n_gpus, 1), "ray_2_actor": min(n_gpus, 2)}
-    runs = {name: rates(r, n_gpus_used[name]) for name, r in results.items()}
-    base = runs["plain_loop"]
-    ratios = {f"{name}_vs_plain": {key: r[key] / base[key] for key in
-                                   ("tokens_per_s", "problems_per_s", "steady_tokens_per_s", "steady_problems_per_s")}
-              for name, r in runs.items() if name != "plain_loop"}
+    def engine_of(name: str) -> str:
+        return next((e for e in args.engines if name == BARE[e] or name.endswith(f"_{e}")), "hf")
+
+    # every variant of one engine generates what its bare loop generates, round by round;
+    # HF and vLLM only where decoding is greedy (they sample differently)
+    identical = {name: all(r["outputs"] == b["outputs"] for r, b in zip(runs_, results[BARE[engine_of(name)]]))
+                 for name, runs_ in results.items() if name != BARE[engine_of(name)]}
+    if "vllm" in args.engines and args.temperature == 0:
+        identical["bare_vllm_vs_plain_loop"] = all(
+            r["outputs"] == b["outputs"] for r, b in zip(results["bare_vllm"], results["plain_loop"]))
+    gpus_of = lambda name: min(n_gpus, 2 if name.startswith("ray_2") else 1)  # noqa: E731
+    runs = {name: {"rounds": [rates(r, gpus_of(name)) for r in runs_], "total": rates(_total(runs_), gpus_of(name))}
+            for name, runs_ in results.items()}
+    keys = ("tokens_per_s", "problems_per_s", "steady_tokens_per_s", "steady_problems_per_s")
+    base = runs["plain_loop"]["total"]
+    ratios = {f"{name}_vs_plain": {k: r["total"][k] / base[k] for k in keys} for name, r in runs.items()
+              if name != "plain_loop"}
+    ratios |= {f"{name}_vs_bare_vllm": {k: r["total"][k] / runs["bare_vllm"]["total"][k] for k in keys}
+               for name, r in runs.items() if name.endswith("_vllm") and name.startswith("ray_")}
+    hf_stage = [r for name, r in ratios.items() if name.startswith("ray_") and name.endswith("actor_vs_plain")]
+    vllm_stage = {name: r for name, r in ratios.items() if name.startswith("ray_") and "_vllm_" in name}
     report = {
         "benchmark": "rollout",
-        "what": "same model, prompts, batch size and seeds: plain single-process loop vs Ray Data stage "
-                "(1 and 2 actors, equal cores). tokens_per_s: end to end (plain: model load + generation; "
-                "stage: actor start + model load + generation + Parquet write). steady_tokens_per_s: "
-                "generation only (plain: after the model is loaded; stage: first batch start to last batch end). "
-                "ray.init is excluded from both and reported as ray_init_s.",
-        "target": "ray stage >= 0.85x plain loop tokens/s at equal cores",
+        "what": "same model, prompts, batch size and seeds, per engine: a bare single-process loop vs the Ray Data "
+                "stage (1 and 2 actors, equal cores), for each round (round 2: prompts carry round 1's output). "
+                "tokens_per_s: end to end (bare loop: model load in round 1 + generation; stage: actor start + "
+                "model load + generation + Parquet write, every round). steady_tokens_per_s: generation only "
+                "(bare: after the model is loaded; stage: first batch start to last batch end); start_s is the "
+                "start-up left out of it. 'total' sums all rounds. ray.init is excluded and reported as ray_init_s.",
+        "target": "hf stage >= 0.85x plain loop; vllm stage >= 2.0x the plain HF loop over all rounds and >= 0.85x "
+                  "the bare vllm loop, steady (start-up reported apart)",
         "machine": machine_info(),
         "versions": versions(),
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "model")} | {
@@ -227,22 +299,25 @@ def main(argv: list[str] | None = None) -> dict:
         "ray_init_s": ray_init_s,
         "runs": runs,
         "ratios": ratios,
-        "identical_outputs": same,
-        "meets_target_end_to_end": all(r["tokens_per_s"] >= 0.85 for r in ratios.values()) if ratios else None,
-        "meets_target_steady_state": all(r["steady_tokens_per_s"] >= 0.85 for r in ratios.values()) if ratios else None,
+        "identical_outputs": identical,
+        "meets_target_end_to_end": all(r["tokens_per_s"] >= 0.85 for r in hf_stage) if hf_stage else None,
+        "meets_target_steady_state": all(r["steady_tokens_per_s"] >= 0.85 for r in hf_stage) if hf_stage else None,
+        "vllm_meets_targets_steady": {name: r["steady_tokens_per_s"] >= (2.0 if name.endswith("_vs_plain") else 0.85)
+                                      for name, r in vllm_stage.items()} or None,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{'variant':<14} {'wall s':>7} {'tokens':>7} {'tok/s':>7} {'probl/s':>7} {'ratio':>6}"
-          f" | {'steady tok/s':>12} {'ratio':>6} {'actor start s':>13}")
+    print(f"\n{'variant':<22} {'round':>5} {'wall s':>7} {'tokens':>7} {'tok/s':>7} {'ratio':>6}"
+          f" | {'steady tok/s':>12} {'ratio':>6} {'start s':>7}")
     for name, r in runs.items():
-        print(f"{name:<14} {r['wall_s']:7.1f} {r['generated_tokens']:7d} {r['tokens_per_s']:7.1f} "
-              f"{r['problems_per_s']:7.2f} {r['tokens_per_s'] / base['tokens_per_s']:6.2f} | "
-              f"{r['steady_tokens_per_s']:12.1f} {r['steady_tokens_per_s'] / base['steady_tokens_per_s']:6.2f} "
-              f"{r.get('actor_start_s', 0.0):13.1f}")
+        for label, x, b in [(str(i), x, bx) for i, (x, bx) in enumerate(zip(r["rounds"], runs["plain_loop"]["rounds"]), 1)
+                            ] + [("all", r["total"], base)]:
+            print(f"{name:<22} {label:>5} {x['wall_s']:7.1f} {x['generated_tokens']:7d} {x['tokens_per_s']:7.1f} "
+                  f"{x['tokens_per_s'] / b['tokens_per_s']:6.2f} | {x['steady_tokens_per_s']:12.1f} "
+                  f"{x['steady_tokens_per_s'] / b['steady_tokens_per_s']:6.2f} {x['start_s']:7.1f}")
     print(f"ray.init: {ray_init_s if ray_init_s is None else round(ray_init_s, 1)} s (excluded); "
-          f"identical outputs: {same}; "
+          f"identical outputs: {identical}; "
           f"load average before/after: {report['load_average_before'][0]}/{report['load_average_after'][0]}")
     print(f"written: {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     return report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,33 @@ def shared_data_dir(name: str) -> Path:
             pytest.fail(f"{reason}; CI=true requires it", pytrace=False)
         pytest.skip(reason)
     return path
+
+
+def require_vllm() -> None:
+    """Skip the calling test (or module) where vLLM is not installed; under ``CI=true`` fail:
+    CI's set-up installs it, so a missing vLLM there is a broken set-up, not a reason to skip."""
+    from tripost_ray.vllm_engine import vllm_installed
+
+    if vllm_installed():
+        return
+    reason = "vLLM is not installed (bash scripts/setup_env.sh installs it)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason}; CI=true requires it", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+@pytest.fixture
+def without_s3fs(monkeypatch):
+    """This process as on a machine without ``s3fs`` (whether or not this one has it), so
+    the missing-backend errors are shown everywhere: importing it fails, and fsspec holds
+    no S3 class it may have registered when an earlier test imported it."""
+    import importlib
+
+    registry = importlib.import_module("fsspec.registry")  # the module (`fsspec.registry` is its read-only view)
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # `import s3fs` raises ImportError
+    for protocol in ("s3", "s3a"):
+        if protocol in registry.registry:
+            monkeypatch.delitem(registry._registry, protocol)
 
 
 @pytest.fixture(scope="session")

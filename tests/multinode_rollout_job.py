@@ -2,7 +2,7 @@
 
 Started by tests/test_rollout_multinode.py in a subprocess of its own: a process can be
 connected to one Ray cluster only, and the test session already holds the session
-fixture's. Usage: ``python multinode_rollout_job.py MODEL_DIR OUT_DIR SEED``; prints a
+fixture's. Usage: ``python multinode_rollout_job.py MODEL_DIR OUT_DIR SEED ENGINE``; prints a
 JSON summary on its last line.
 """
 
@@ -12,7 +12,7 @@ import json
 import sys
 
 
-def main(model_dir: str, out_dir: str, seed: int) -> dict:
+def main(model_dir: str, out_dir: str, seed: int, engine: str) -> dict:
     import ray
     from ray.cluster_utils import Cluster
     from ray.data import DataContext
@@ -32,7 +32,7 @@ def main(model_dir: str, out_dir: str, seed: int) -> dict:
         ctx.enable_progress_bars = False
         ctx.execution_no_progress_timeout_s = 300
         n_nodes = len([n for n in ray.nodes() if n["Alive"]])
-        spec = GenerationSpec.build(multinode_cfg(actors=2, resources={"rollout_slot": 1}),
+        spec = GenerationSpec.build(multinode_cfg(actors=2, engine=engine, resources={"rollout_slot": 1}),
                                     TaskSpec(name="multistep_arithmetic"), self_improve=True, temperature=1.0, seed=seed)
         summary = run_rollouts(multinode_problems(), model_dir, spec, out_dir)
         return {"cluster_nodes": n_nodes, **summary.to_dict()}
@@ -42,4 +42,4 @@ def main(model_dir: str, out_dir: str, seed: int) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], sys.argv[2], int(sys.argv[3]))))
+    print(json.dumps(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])))

@@ -283,3 +283,21 @@ def test_verify_direct_correct_sends_right_answers_to_the_verifier(ray_cluster, 
     summary = run_editing(rows, editing_spec(cfg), str(tmp_path / "out"))
     assert summary.kinds == {"direct_correct": 4}
     assert summary.calls.get("fbk", {}).get("ok", 0) == (4 if verify else 0)
+
+
+def test_the_budget_actor_runs_on_one_thread_and_never_overruns(ray_cluster):
+    """The budget actor is synchronous: it must not ask Ray for a thread pool. With
+    ``max_concurrency=10_000`` it started 10,000 threads, and on a loaded CI machine Ray's
+    10 s wait for them ran out and crashed the actor in the middle of an editing stage."""
+    import psutil
+    import ray
+
+    from tripost_ray.feedback.ratelimit import new_budget
+
+    budget = new_budget(1.0)
+    granted = ray.get([budget.reserve.remote(0.01) for _ in range(300)])
+    assert sum(granted) == 100 and ray.get(budget.stats.remote())["reserved_usd"] == pytest.approx(1.0)
+    threads = [p.num_threads() for p in psutil.process_iter(["cmdline"])
+               if (p.info["cmdline"] or [""])[0].startswith("ray::_BudgetKeeper")]
+    ray.kill(budget)
+    assert threads and max(threads) < 100, threads

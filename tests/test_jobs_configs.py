@@ -57,7 +57,7 @@ def test_reproduction_config_is_labelled_and_sized_for_8_gpus(path: Path):
     assert (t.learning_rate, t.epochs, t.micro_batch_size, t.warmup_ratio, t.weight_decay) == (1e-6, 4, 4, 0.2, 0.01)
     assert cfg.postprocess.feedback_weight == 1.5 and cfg.postprocess.rebalance_ratio == 1.5
     assert cfg.editing.max_improve_rounds == 5 and cfg.rollout.max_passes == 5
-    assert cfg.rollout.num_gpus_per_actor == 1 and cfg.rollout.max_actors == 8
+    assert cfg.rollout.num_gpus_per_actor == 1 and cfg.rollout.max_actors == 8 and cfg.rollout.engine == "vllm"
     assert cfg.model.source != "tiny" and cfg.model.dtype == "bfloat16"
     # The paper: script FBK for arithmetic and word sorting, LLM FBK for the other two; LLM IMP.
     if cfg.task.name in ("date_understanding", "logical_deduction"):

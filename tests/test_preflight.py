@@ -37,12 +37,6 @@ def _one_line_error(capsys, command: str) -> str:
     return captured.err
 
 
-def _s3fs_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("s3fs") is not None
-
-
 def _run(tmp_path: Path, *overrides: str, dry_run: bool = False) -> int:
     args = ["run", QUICKSTART, "-o", f"storage.path={tmp_path / 'runs'}", *sum((["-o", o] for o in overrides), [])]
     return main(args + (["--dry-run"] if dry_run else []))
@@ -63,9 +57,7 @@ def test_the_jobs_own_teacher_needs_no_key(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
-def test_storage_backend_not_installed_names_package_and_extra(tmp_path, capsys, dry_run):
-    if _s3fs_installed():
-        pytest.skip("s3fs is installed here: the missing-backend path cannot be shown")
+def test_storage_backend_not_installed_names_package_and_extra(tmp_path, capsys, dry_run, without_s3fs):
     assert main(["run", QUICKSTART, "-o", "storage.path=s3://bucket/runs"] + (["--dry-run"] if dry_run else [])) == 2
     err = _one_line_error(capsys, "run")
     assert "storage.path" in err and "s3fs" in err and "pip install 'tripost-ray[s3]'" in err
@@ -99,12 +91,11 @@ def test_model_folder_with_a_broken_config_json(tmp_path, capsys):
     assert "config.json is not valid JSON" in _one_line_error(capsys, "eval")
 
 
-def test_eval_out_unwritable_fails_before_evaluating(tmp_path, tiny_model_dir, capsys):
+def test_eval_out_unwritable_fails_before_evaluating(tmp_path, tiny_model_dir, capsys, without_s3fs):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    cases = [(blocker / "metrics.json", "is a file"), (tmp_path, "is a folder"), ("nosuchproto://m.json", "not a storage URL")]
-    if not _s3fs_installed():
-        cases.append(("s3://bucket/metrics.json", "tripost-ray[s3]"))
+    cases = [(blocker / "metrics.json", "is a file"), (tmp_path, "is a folder"), ("nosuchproto://m.json", "not a storage URL"),
+             ("s3://bucket/metrics.json", "tripost-ray[s3]")]
     for out, words in cases:
         assert main(["eval", "--model", tiny_model_dir, "--task", "multistep_arithmetic", "--out", str(out)]) == 2
         err = _one_line_error(capsys, "eval")
@@ -128,3 +119,17 @@ def test_report_names_a_damaged_manifest(tmp_path, capsys):
     (stage / "_MANIFEST.json").write_text(json.dumps({"stage": "problems"})[:9])
     assert main(["report", str(tmp_path / "run")]) == 2
     assert f"{stage / '_MANIFEST.json'} is damaged: not valid JSON" in _one_line_error(capsys, "report")
+
+
+@pytest.mark.parametrize("command", ["run", "eval"])
+def test_vllm_engine_where_vllm_is_not_installed(tmp_path, tiny_model_dir, monkeypatch, capsys, command):
+    # stands in for a machine without vLLM (the test environment installs it)
+    monkeypatch.setattr("tripost_ray.vllm_engine.vllm_installed", lambda: False)
+    if command == "run":
+        assert _run(tmp_path, "rollout.engine=vllm", dry_run=True) == 2
+    else:
+        assert main(["eval", "--model", tiny_model_dir, "--task", "multistep_arithmetic", "--out",
+                     str(tmp_path / "m.json"), "-o", "rollout.engine=vllm"]) == 2
+    err = _one_line_error(capsys, command)
+    assert "rollout.engine: vllm is not installed" in err and "scripts/setup_env.sh" in err
+    assert not (tmp_path / "runs").exists()

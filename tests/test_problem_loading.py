@@ -119,11 +119,7 @@ def test_jsonl_error_line_counts_leading_blank_lines(tmp_path):
         load_problems(WS, str(path))
 
 
-def test_missing_storage_backend_names_the_extra():
-    import importlib.util
-
-    if importlib.util.find_spec("s3fs") is not None:
-        pytest.skip("s3fs is installed here: the missing-backend path cannot be shown")
+def test_missing_storage_backend_names_the_extra(without_s3fs):
     with pytest.raises(ProblemFormatError, match=r"s3://b/p.json: .*needs the package s3fs.*tripost-ray\[s3\]"):
         load_problems(WS, "s3://b/p.json")
 

@@ -22,6 +22,8 @@ from tripost_ray.rollout import read_rollouts, run_rollouts
 from tripost_ray.specs import GenerationSpec, TaskSpec
 from tripost_ray.tasks import get_task
 
+from conftest import require_vllm
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,19 +34,24 @@ def multinode_problems():
     return task.generate(5, "test_seen", seed=9) + task.generate(3, "test_unseen", seed=9)
 
 
-def multinode_cfg(actors: int, resources: dict | None = None) -> RolloutConfig:
+def multinode_cfg(actors: int, engine: str, resources: dict | None = None) -> RolloutConfig:
     # equal batches and one torch thread everywhere: same arithmetic on every node
-    return RolloutConfig(min_actors=actors, max_actors=actors, num_cpus_per_actor=0.5, torch_threads_per_actor=1,
-                         batch_size=2, max_new_tokens=8, self_improve_rounds=1, resources_per_actor=resources or {})
+    return RolloutConfig(engine=engine, min_actors=actors, max_actors=actors, num_cpus_per_actor=0.5,
+                         torch_threads_per_actor=1, batch_size=2, max_new_tokens=8, self_improve_rounds=1,
+                         resources_per_actor=resources or {})
 
 
-def test_two_node_rollout_equals_one_node_run(ray_cluster, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_two_node_rollout_equals_one_node_run(ray_cluster, tiny_model_dir, sft_model_dir, tmp_path, engine):
+    if engine == "vllm":
+        require_vllm()
+    model_dir = sft_model_dir if engine == "vllm" else tiny_model_dir  # vLLM's CPU attention needs head size >= 32
     multi_out = tmp_path / "multi"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"),
                                                         os.environ.get("PYTHONPATH", "")]))
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode_rollout_job.py"), tiny_model_dir,
-                           str(multi_out), "21"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode_rollout_job.py"), model_dir,
+                           str(multi_out), "21", engine], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["cluster_nodes"] == 2
@@ -56,8 +63,9 @@ def test_two_node_rollout_equals_one_node_run(ray_cluster, tiny_model_dir, tmp_p
     assert summary["n_nodes_seen"] == 2 and summary["n_written"] == len(problems)
 
     single_out = str(tmp_path / "single")
-    run_rollouts(problems, tiny_model_dir, GenerationSpec.build(multinode_cfg(actors=1), TaskSpec(name="multistep_arithmetic"),
-                                                             self_improve=True, temperature=1.0, seed=21), single_out)
+    run_rollouts(problems, model_dir, GenerationSpec.build(multinode_cfg(actors=1, engine=engine),
+                                                        TaskSpec(name="multistep_arithmetic"),
+                                                        self_improve=True, temperature=1.0, seed=21), single_out)
     single = read_rollouts(single_out)
     assert len({r["node_id"] for r in single}) == 1
     keys = ("problem_id", "output", "attempts", "feedbacks", "final_answer", "correct", "generated_tokens", "rounds")

@@ -116,13 +116,14 @@ def cmd_eval(args) -> int:
     from tripost_ray.config import load_config
     from tripost_ray.evaluate import evaluate_model, format_metrics
     from tripost_ray.models import ModelSourceError, resolve_model_source
-    from tripost_ray.preflight import check_output_file
+    from tripost_ray.preflight import check_engine, check_output_file
     from tripost_ray.ray_setup import init_ray
     from tripost_ray.specs import JobSpecs
     from tripost_ray.tasks import ProblemFormatError, UnknownTaskError, get_task, load_problems
 
     cfg = load_config(None, list(args.override) + [f"task.name={args.task}"])  # ConfigError: main() reports it
     check_output_file(args.out, "--out")  # before the evaluation, not after it
+    check_engine(cfg)
     try:
         task = get_task(args.task, **cfg.task.difficulty)
         if args.problems:

@@ -103,6 +103,9 @@ class ModelConfig(Section):
 class RolloutConfig(Section):
     """Small-model generation on a Ray Data actor pool."""
 
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: transformers generate; vllm: continuous batching, one engine per actor "
+        "(installed by scripts/setup_env.sh; `pip install '.[vllm]'` on CUDA).")
     min_actors: int = Field(1, ge=1)
     max_actors: int = Field(1, ge=1)
     num_gpus_per_actor: float = Field(0.0, ge=0)
@@ -126,6 +129,10 @@ class RolloutConfig(Section):
         "batch); fails if they are not up in this time. 0: start with whatever is ready.")
     resources_per_actor: dict[str, float] = Field(
         default_factory=dict, description="Extra Ray resources each generator actor needs (e.g. to pin a node type).")
+    vllm_cpu_kv_cache_gib: int = Field(1, ge=1, description="vllm on CPU: KV cache per actor, GiB.")
+    vllm_gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="vllm on GPU: share of the GPU's memory an actor's engine takes "
+        "(lower it when num_gpus_per_actor < 1 puts several actors on one GPU).")
     seed: int = 0
 
     @model_validator(mode="after")

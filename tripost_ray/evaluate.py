@@ -130,10 +130,12 @@ def verification_probe(model_path: str, problems: list, outputs: dict[str, str],
 
 
 def _probe_worker(spec: GenerationSpec, model_path: str, items: list) -> list[str]:
-    from tripost_ray.rollout import load_engine
+    from tripost_ray.models import resolve_model_source
+    from tripost_ray.rollout import build_engine
     from tripost_ray.verification import run_probe
 
-    return run_probe(load_engine(spec, model_path), spec.task.build(), items)
+    engine = build_engine(spec, resolve_model_source(model_path, spec.cache_dir))
+    return run_probe(engine, spec.task.build(), items)
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

@@ -1,4 +1,5 @@
-"""Text generation behind a small interface, so a faster engine (vLLM, SGLang) can be added.
+"""Text generation behind a small interface: Hugging Face ``generate`` here, vLLM in
+:mod:`tripost_ray.vllm_engine` (``rollout.engine`` picks one; :func:`tripost_ray.rollout.build_engine`).
 
 :class:`HFGenerationEngine` runs Hugging Face ``generate`` with a KV cache on left-padded
 batches sorted by prompt length (results come back in input order).
@@ -43,7 +44,12 @@ StopReason = Literal["stop", "eos", "length"]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to decode. ``temperature == 0`` is greedy; ``seed`` seeds every prompt's generator."""
+    """How to decode. ``temperature == 0`` is greedy; ``seed`` seeds every prompt's generator.
+
+    ``stop_regex_trigger``: a literal that every match of ``stop_regex`` contains on its last
+    line. An engine without regex stops (vLLM) stops there, finishes the line and tests the
+    regex; without it, it tests the regex at every line end. HF tests the regex directly.
+    """
 
     max_new_tokens: int
     temperature: float = 0.0
@@ -51,6 +57,7 @@ class SamplingParams:
     seed: int = 0
     stop: tuple[str, ...] = ()
     stop_regex: str | None = None
+    stop_regex_trigger: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

@@ -123,7 +123,8 @@ def self_improving_inference(
     active = list(states)
     while active:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                stop=STOP_STRINGS, stop_regex=FEEDBACK_LINE_RE)
+                                stop=STOP_STRINGS, stop_regex=FEEDBACK_LINE_RE,
+                                stop_regex_trigger=FEEDBACK_TAG.strip())
         seeds = [derive_seed(seed, s.problem.id, s.rounds) for s in active]
         gens = engine.generate([s.prompt + s.continuation for s in active], params, seeds)
         still_active = []

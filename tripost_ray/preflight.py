@@ -2,10 +2,11 @@
 
 A run that fails after its first hour because the storage backend is not installed, the
 output folder is read-only, a problem file has a syntax error, a model folder's
-``config.json`` is broken or an API key is unset loses that hour. These checks take
+``config.json`` is broken, the generation engine is not installed or an API key is unset
+loses that hour. These checks take
 seconds, write nothing, and run for ``tripost run`` (``--dry-run`` included) and every run
 of ``tripost experiment``; ``tripost eval`` checks its ``--out`` with
-:func:`check_output_file`. Each failure is a :class:`PreflightError` naming the field.
+:func:`check_output_file` and its engine with :func:`check_engine`. Each failure is a :class:`PreflightError` naming the field.
 
 What cannot be checked without side effects is checked by the first write instead: on an
 object store, credentials and the bucket are proven by the run lock's file, written right
@@ -34,6 +35,7 @@ def check_job(cfg: JobConfig) -> None:
         check_folder(cfg.editing.cache_uri, "editing.cache_uri")
     check_problem_files(cfg)
     check_model(cfg)
+    check_engine(cfg)
     check_keys(cfg)
 
 
@@ -109,6 +111,15 @@ def check_model(cfg: JobConfig) -> None:
         raise PreflightError(f"model.source: {err}") from None
     if source != "tiny" and not Path(source).expanduser().exists() and not source.startswith("file://"):
         check_folder(cfg.model.cache_dir, "model.cache_dir")
+
+
+def check_engine(cfg: JobConfig) -> None:
+    """The generation engine ``rollout.engine`` names is installed here (the driver's
+    environment; a cluster's image must have it too)."""
+    from tripost_ray.vllm_engine import INSTALL_HINT, vllm_installed
+
+    if cfg.rollout.engine == "vllm" and not vllm_installed():
+        raise PreflightError(f"rollout.engine: vllm is not installed; {INSTALL_HINT}")
 
 
 def check_keys(cfg: JobConfig) -> None:

@@ -3,8 +3,9 @@
     problems --from_arrow--> map_batches(GeneratorActor, ActorPoolStrategy(min, max))
              --iter_batches (driver)--> Parquet parts on any fsspec URL
 
-Each actor loads the model once (a GPU each where ``num_gpus_per_actor`` > 0, else a
-fractional CPU so Ray Data's own tasks still get a core) and runs
+Each actor loads the model once into the engine ``rollout.engine`` names (HF ``generate`` or
+one vLLM engine per actor; a GPU each where ``num_gpus_per_actor`` > 0, else a fractional
+CPU so Ray Data's own tasks still get a core) and runs
 :func:`tripost_ray.inference.self_improving_inference` on its batches.
 
 Reproducibility across any sharding: every problem's sampling seed is derived from
@@ -27,7 +28,7 @@ import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -35,6 +36,9 @@ from tripost_ray import progress, storage
 from tripost_ray.metrics import record_rollout_batch
 from tripost_ray.specs import ActorPoolSpec, GenerationSpec
 from tripost_ray.tasks.base import Problem
+
+if TYPE_CHECKING:
+    from tripost_ray.generation import GenerationEngine
 
 ROLLOUT_SCHEMA = pa.schema([
     ("problem_id", pa.string()),
@@ -107,7 +111,9 @@ class GeneratorActor:
     def __init__(self, spec: GenerationSpec, model_path: str, fault_marker: str | None = None):
         import ray
 
-        self.engine = load_engine(spec, model_path)
+        from tripost_ray.models import resolve_model_source
+
+        self.engine = build_engine(spec, resolve_model_source(model_path, spec.cache_dir))
         self.task = spec.task.build()
         self.spec = spec
         ctx = ray.get_runtime_context()
@@ -157,19 +163,25 @@ class GeneratorActor:
 # --------------------------------------------------------------------- stage
 
 
-def load_engine(spec: GenerationSpec, model_path: str):
-    """The generation engine of one pool worker: the model from ``spec.cache_dir`` in
-    ``spec.dtype``, on the worker's GPU or its share of the CPU threads."""
+def build_engine(spec: GenerationSpec, local_model: str) -> GenerationEngine:
+    """The engine ``spec.engine`` names, on a GPU when the pool gives actors one, with this
+    actor's share of the cores on CPU."""
+    use_gpu = spec.pool.num_gpus_per_actor > 0
+    threads = None if use_gpu else torch_threads_for(spec.pool)
+    if spec.engine == "vllm":
+        from tripost_ray.vllm_engine import VLLMGenerationEngine
+
+        return VLLMGenerationEngine(local_model, dtype=spec.dtype, use_gpu=use_gpu, threads=threads,
+                                    cpu_kv_cache_gib=spec.pool.vllm_cpu_kv_cache_gib,
+                                    gpu_memory_utilization=spec.pool.vllm_gpu_memory_utilization)
     import torch
 
     from tripost_ray.generation import HFGenerationEngine
-    from tripost_ray.models import load_model_and_tokenizer, resolve_model_source
+    from tripost_ray.models import load_model_and_tokenizer
 
-    use_gpu = spec.pool.num_gpus_per_actor > 0
-    if not use_gpu:
-        torch.set_num_threads(torch_threads_for(spec.pool))
-    local = resolve_model_source(model_path, spec.cache_dir)
-    model, tokenizer = load_model_and_tokenizer(local, dtype=spec.dtype, device="cuda" if use_gpu else "cpu")
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer = load_model_and_tokenizer(local_model, dtype=spec.dtype, device="cuda" if use_gpu else "cpu")
     return HFGenerationEngine(model, tokenizer, batch_size=spec.batch_size)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -116,6 +116,8 @@ class ActorPoolSpec(StageSpec):
     max_tasks_in_flight_per_actor: int
     wait_for_actors_s: int
     resources_per_actor: dict[str, float]
+    vllm_cpu_kv_cache_gib: int
+    vllm_gpu_memory_utilization: float
 
     @classmethod
     def of(cls, rollout: RolloutConfig) -> "ActorPoolSpec":
@@ -124,10 +126,12 @@ class ActorPoolSpec(StageSpec):
 
 class GenerationSpec(StageSpec):
     """Small-model generation on the rollout actor pool: the pool, the model's load settings,
-    and this stage's decoding (rollouts sample; evaluation is greedy with its own limits)."""
+    and this stage's decoding (rollouts sample; evaluation is greedy with its own limits).
+    The engine is hashed: HF and vLLM sample different texts from the same seeds."""
 
     RUNTIME_ONLY = ("cache_dir",)
 
+    engine: Literal["hf", "vllm"]
     pool: ActorPoolSpec
     task: TaskSpec
     dtype: str
@@ -147,7 +151,7 @@ class GenerationSpec(StageSpec):
         """A spec from the rollout section (pool, top-p, and the limits unless given) and the
         model section's load settings (the defaults when ``model`` is None)."""
         model = model or ModelConfig()
-        return cls(pool=ActorPoolSpec.of(rollout), task=task, dtype=model.dtype, cache_dir=model.cache_dir,
+        return cls(engine=rollout.engine, pool=ActorPoolSpec.of(rollout), task=task, dtype=model.dtype, cache_dir=model.cache_dir,
                    batch_size=batch_size or rollout.batch_size,
                    max_new_tokens=max_new_tokens or rollout.max_new_tokens,
                    max_rounds=rollout.self_improve_rounds if max_rounds is None else max_rounds,

@@ -259,5 +259,11 @@ def get_limiter(cfg: ProviderConfig):
 
 
 def new_budget(max_usd: float | None):
-    """A budget actor for one editing run (unnamed: its handle travels to the pool actors)."""
-    return ray.remote(num_cpus=0, max_concurrency=10_000)(_BudgetKeeper).remote(max_usd)
+    """A budget actor for one editing run (unnamed: its handle travels to the pool actors).
+
+    Its methods are synchronous and take microseconds, so it serves one call at a time on
+    one thread: that keeps ``reserve``'s check-then-add atomic. (A synchronous actor with
+    ``max_concurrency=N`` starts N threads and Ray gives them 10 s to start; with 10,000 a
+    loaded 2-core machine crashed the actor mid-stage.)
+    """
+    return ray.remote(num_cpus=0)(_BudgetKeeper).remote(max_usd)

@@ -257,7 +257,8 @@ def train(examples, init_model: str, output_dir: str, cfg: TrainConfig, *, run_n
     """Fine-tune ``init_model`` on weighted examples with Ray Train + DeepSpeed; export to ``output_dir``.
 
     ``examples``: a Ray Dataset, a list of ``TrainingExample.to_dict()`` rows, or a Parquet
-    URL. ``learning_rate`` / ``epochs`` override ``cfg`` (the SFT warm-up uses its own).
+    URL. ``learning_rate`` / ``epochs`` override ``cfg``'s (tests and benchmarks; the pipeline's
+    SFT warm-up gets a ``cfg`` with its own already in it, :meth:`tripost_ray.specs.JobSpecs.sft`).
     ``output_dir`` (fsspec URL) receives a ``save_pretrained`` model + tokenizer. The run
     lives at ``storage_path``/``run_name`` (checkpoints, Ray Train state); see the module
     docstring for resume rules. Ray must be initialised (or is started locally).
