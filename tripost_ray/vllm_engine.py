@@ -94,6 +94,9 @@ class VLLMGenerationEngine:
     ``cpu_kv_cache_gib`` GiB and ``threads`` intra-op threads. On GPU: the dtype's default
     (bf16 for ``auto``) and ``gpu_memory_utilization`` of the device. Prefix caching is on
     everywhere: self-improvement rounds and regex-stop continuations re-submit prefixes.
+
+    One live engine per process: vLLM keeps process-wide state (its parallel groups) that
+    destroying an engine tears down under any other. A rollout actor holds one for its life.
     """
 
     def __init__(self, model_path: str, *, dtype: str = "auto", use_gpu: bool = False, threads: int | None = None,
