@@ -29,11 +29,16 @@ def shared_data_dir(name: str) -> Path:
     """
     path = SHARED_DATA / name
     if not path.is_dir():
-        reason = f"needs {name}/, kept outside the repository in ../shared/data/ (not found at {path})"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{reason}; CI=true requires it", pytrace=False)
-        pytest.skip(reason)
+        skip_outside_ci(f"needs {name}/, kept outside the repository in ../shared/data/ (not found at {path})")
     return path
+
+
+def skip_outside_ci(reason: str) -> None:
+    """Skip the calling test (or module) with ``reason``; under ``CI=true`` fail instead, so
+    nothing CI is meant to cover can pass there by skipping."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason}; CI=true requires it", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
 
 
 def require_vllm() -> None:
@@ -41,12 +46,8 @@ def require_vllm() -> None:
     CI's set-up installs it, so a missing vLLM there is a broken set-up, not a reason to skip."""
     from tripost_ray.vllm_engine import vllm_installed
 
-    if vllm_installed():
-        return
-    reason = "vLLM is not installed (bash scripts/setup_env.sh installs it)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason}; CI=true requires it", pytrace=False)
-    pytest.skip(reason, allow_module_level=True)
+    if not vllm_installed():
+        skip_outside_ci("vLLM is not installed (bash scripts/setup_env.sh installs it)")
 
 
 @pytest.fixture
