@@ -158,8 +158,8 @@ def cmd_serve(args) -> int:
 
     from tripost_ray.config import ConfigError
     from tripost_ray.ray_setup import init_ray
-    from tripost_ray.serve.teacher import (DEFAULT_MODEL, Faults, check_port_free, check_teacher_args,
-                                           openai_base_url, start_teacher)
+    from tripost_ray.serve.common import check_port_free, openai_base_url
+    from tripost_ray.serve.teacher import DEFAULT_MODEL, Faults, check_teacher_args, start_teacher
 
     api_key = None
     if args.api_key_env:
@@ -169,7 +169,7 @@ def cmd_serve(args) -> int:
     faults = Faults.parse(args.faults)
     check_teacher_args(args.task, None, args.host, api_key)
     if not os.environ.get("RAY_ADDRESS"):  # a fresh local cluster has no Serve: whoever holds the port is someone else
-        check_port_free(args.host, args.port)
+        check_port_free(args.host, args.port, "--port / teacher.port")
     init_ray()  # joins the cluster in RAY_ADDRESS, else starts a local one
     root = start_teacher(args.task, host=args.host, port=args.port, latency_s=args.latency_s, faults=faults,
                          api_key=api_key, max_body_bytes=args.max_body_bytes)
