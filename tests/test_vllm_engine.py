@@ -104,6 +104,13 @@ def test_vllm_sampling_repeats_for_a_seed_whatever_the_batch(engines, task, prob
     _same(whole, vllm.generate(prompts[::-1], params, seeds[::-1])[::-1])
     _same(whole, [vllm.generate([p], params, [s])[0] for p, s in zip(prompts, seeds)])
     _same(whole[3:7], vllm.generate(prompts[3:7], params, seeds[3:7]))
+    # a batch whose prompts exceed one engine step's token budget (4,096): vLLM would split a
+    # prefill over steps, which crashed seeded sampling on CPU; samples stay those of small batches
+    many = [(prompt, derive_seed(7, f"{p.id}-{k}")) for k in range(8) for prompt, p in zip(prompts, problems)]
+    assert sum(len(vllm.tokenizer(prompt).input_ids) for prompt, _ in many) > 4096
+    big = vllm.generate([m[0] for m in many], params, [m[1] for m in many])
+    _same(big, [g for i in range(0, len(many), 12)
+                for g in vllm.generate([m[0] for m in many[i:i + 12]], params, [m[1] for m in many[i:i + 12]])])
     other = vllm.generate(prompts, params, [derive_seed(8, p.id) for p in problems])
     assert [g.text for g in other] != [g.text for g in whole]
     assert [g.text for g in hf.generate(prompts, params, seeds)] != [g.text for g in whole]

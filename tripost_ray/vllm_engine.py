@@ -56,15 +56,18 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def _check_cpu_head_size(model_path: str) -> None:
-    """vLLM's CPU attention has kernels for some head sizes only; say so before it fails
-    with an internal error at the first request."""
+def _model_config(model_path: str) -> dict:
     import json
 
+    with open(os.path.join(model_path, "config.json")) as f:
+        return json.load(f)
+
+
+def _check_cpu_head_size(config: dict, model_path: str) -> None:
+    """vLLM's CPU attention has kernels for some head sizes only; say so before it fails
+    with an internal error at the first request."""
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-    with open(os.path.join(model_path, "config.json")) as f:
-        config = json.load(f)
     head = config.get("head_dim") or config.get("hidden_size", 0) // config.get("num_attention_heads", 1)
     supported = CPUAttentionBackend.get_supported_head_sizes()
     if head not in supported:
@@ -91,6 +94,9 @@ class VLLMGenerationEngine:
     ``cpu_kv_cache_gib`` GiB and ``threads`` intra-op threads. On GPU: the dtype's default
     (bf16 for ``auto``) and ``gpu_memory_utilization`` of the device. Prefix caching is on
     everywhere: self-improvement rounds and regex-stop continuations re-submit prefixes.
+
+    One live engine per process: vLLM keeps process-wide state (its parallel groups) that
+    destroying an engine tears down under any other. A rollout actor holds one for its life.
     """
 
     def __init__(self, model_path: str, *, dtype: str = "auto", use_gpu: bool = False, threads: int | None = None,
@@ -112,13 +118,20 @@ class VLLMGenerationEngine:
             if threads:
                 os.environ["OMP_NUM_THREADS"] = str(threads)  # vLLM reads it instead of dropping to 1 thread
             kwargs["compilation_config"] = 0  # eager: inductor compilation costs minutes on a few cores
+            # No chunked prefill on CPU: when a prefill is split over steps, vLLM 0.32 rewinds
+            # the request's seeded generator with set_offset, which CPU generators lack
+            # ("CPU Generator does not use offset"), so any batch of seeded prompts longer than
+            # one step's token budget crashed. Whole prefills need a budget of a full context.
+            config = _model_config(model_path)
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(4096, int(config.get("max_position_embeddings", 0)))
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         import torch
         from vllm import LLM
 
         if not use_gpu:
-            _check_cpu_head_size(model_path)
+            _check_cpu_head_size(config, model_path)
         set_num_threads = torch.set_num_threads
         if threads and not use_gpu:
             torch.set_num_threads(threads)
