@@ -139,3 +139,43 @@ def sft_model_dir(tmp_path_factory) -> str:
     run.model.save_pretrained(out)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
     return out
+
+
+def build_feedback_model(root: Path) -> tuple[str, list]:
+    """A small model (head size 32, for vLLM's CPU attention) that has memorised trajectories
+    of 6 easy arithmetic problems with a wrong first attempt, feedback on it and a correct
+    update with all-correct feedback: greedy self-improving inference on those problems runs
+    two rounds, each ended by the feedback-line stop (the gold-SFT model never writes
+    feedback). Returns (model folder under ``root``, the problems). Plain torch, ~1 min."""
+    from transformers import AutoTokenizer
+
+    from tripost_ray.config import TinyModelConfig, TrainConfig
+    from tripost_ray.models import build_tiny_model
+    from tripost_ray.tasks import get_task
+    from tripost_ray.tasks.datasets import tokenizer_corpus
+    from tripost_ray.trajectory import TrainingExample, Turn, render_feedback, render_trajectory
+    from tripost_ray.training.plain import train_plain
+
+    task = get_task("multistep_arithmetic", **EASY_ARITHMETIC)
+    problems = task.generate(6, "train", seed=5)
+    rows = []
+    for p in problems:
+        gold = task.gold_rationale(p)
+        wrong = gold.rsplit("is ", 1)[0] + "is 77."
+        text = render_trajectory(p.question, [Turn(wrong, render_feedback(task.verify(p, wrong))),
+                                              Turn(gold, render_feedback(task.verify(p, gold)))])
+        rows.append(TrainingExample(text=text, spans=((0, len(text), 1.0),), kind="gold", problem_id=p.id).to_dict())
+    base = build_tiny_model(TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256,
+                                            numeric_max_digits=2), tokenizer_corpus(task, problems), str(root / "base"))
+    run = train_plain(rows, base, TrainConfig(micro_batch_size=6, learning_rate=3e-3, warmup_ratio=0.05, num_workers=1),
+                      epochs=400, max_steps=400)
+    out = str(root / "model")
+    run.model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out, problems
+
+
+@pytest.fixture(scope="session")
+def feedback_model_dir(tmp_path_factory) -> tuple[str, list]:
+    """:func:`build_feedback_model`, once per session (the vLLM and model-server tests)."""
+    return build_feedback_model(tmp_path_factory.mktemp("feedback_model"))

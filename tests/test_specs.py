@@ -34,6 +34,7 @@ RUN_LEVEL: dict[str, str] = {
     "eval.initial": "pipeline.tripost_stages: evaluate the starting model",
     "eval.every_iteration": "pipeline.tripost_stages: evaluate every iteration",
     "teacher": "pipeline._start_teacher_if_enabled",
+    "serve": "serve.model.start_model_server (tripost serve model): serving, not a stage of a run",
     "storage": "pipeline.Job (the run root) and runlock.run_lock",
     "ray": "ray_setup.init_ray",
     "experiment": "experiment.run_experiment",

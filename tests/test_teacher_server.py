@@ -20,11 +20,11 @@ import pytest
 from tripost_ray.config import ConfigError
 from tripost_ray.feedback import prompts
 from tripost_ray.feedback.synthetic import corrupted_rollouts
+from tripost_ray.serve.common import running_proxy
 from tripost_ray.serve.teacher import (
     DEFAULT_MODEL,
     Answerer,
     TeacherError,
-    _running_proxy,
     get_stats,
     openai_base_url,
     reset_stats,
@@ -131,7 +131,7 @@ def test_injected_429_carries_retry_after_and_refusals_are_typed(roots):
 
 
 def test_the_http_proxy_is_cluster_wide(roots):
-    host, port = _running_proxy()
+    host, port = running_proxy()
     assert host == "127.0.0.1" and roots["open"] == f"http://127.0.0.1:{port}/srv-open"
     with pytest.raises(TeacherError, match="one per cluster"):
         start_teacher(ARITH, port=port + 1, name="srv-other", route_prefix="/srv-other")
@@ -279,7 +279,7 @@ def test_the_command_and_a_jobs_teacher_share_their_defaults():
 
 
 def test_a_second_teacher_on_a_served_port_is_refused(roots):
-    _, port = _running_proxy()
+    _, port = running_proxy()
     # a second `tripost serve teacher` (its own cluster) on the port this cluster's Serve holds: Serve's
     # proxy binds with SO_REUSEPORT, so without the check it would start and share the port
     _one_line_refusal(_serve_cli("--task", ARITH, "--port", str(port)), f"127.0.0.1:{port} is already in use")

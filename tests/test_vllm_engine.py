@@ -1,7 +1,7 @@
 """The vLLM engine on a real vLLM (the CPU build here), against the HF engine on the same fp32 model.
 
 vLLM's CPU attention supports head sizes of 32 and more, so these tests use models with
-head size 32 (the session's ``sft_model_dir``, and a model built here that writes feedback),
+head size 32 (the session's ``sft_model_dir`` and ``feedback_model_dir``, a model that writes feedback),
 not ``tiny_model_dir`` (head size 16).
 """
 
@@ -13,14 +13,14 @@ import re
 
 import pytest
 
-from tripost_ray.config import RolloutConfig, TinyModelConfig, TrainConfig
+from tripost_ray.config import RolloutConfig
 from tripost_ray.generation import HFGenerationEngine, SamplingParams, derive_seed
 from tripost_ray.inference import FEEDBACK_LINE_RE, STOP_STRINGS, self_improving_inference
-from tripost_ray.models import build_tiny_model, load_model_and_tokenizer
+from tripost_ray.models import load_model_and_tokenizer
 from tripost_ray.rollout import read_rollouts, run_rollouts
 from tripost_ray.specs import GenerationSpec, TaskSpec
 from tripost_ray.tasks import get_task
-from tripost_ray.trajectory import FEEDBACK_TAG, Turn, render_feedback, render_trajectory
+from tripost_ray.trajectory import FEEDBACK_TAG
 from tripost_ray.vllm_engine import VLLMGenerationEngine
 
 from conftest import EASY_ARITHMETIC, require_vllm
@@ -114,36 +114,6 @@ def test_vllm_sampling_repeats_for_a_seed_whatever_the_batch(engines, task, prob
     other = vllm.generate(prompts, params, [derive_seed(8, p.id) for p in problems])
     assert [g.text for g in other] != [g.text for g in whole]
     assert [g.text for g in hf.generate(prompts, params, seeds)] != [g.text for g in whole]
-
-
-@pytest.fixture(scope="module")
-def feedback_model_dir(tmp_path_factory, task):
-    """A small model that has memorised trajectories with a wrong first attempt, feedback on it
-    and a correct update with all-correct feedback: greedy inference on those problems runs two
-    rounds, each ended by the feedback-line stop (the gold-SFT model never writes feedback)."""
-    from transformers import AutoTokenizer
-
-    from tripost_ray.tasks.datasets import tokenizer_corpus
-    from tripost_ray.trajectory import TrainingExample
-    from tripost_ray.training.plain import train_plain
-
-    problems = task.generate(6, "train", seed=5)
-    rows = []
-    for p in problems:
-        gold = task.gold_rationale(p)
-        wrong = gold.rsplit("is ", 1)[0] + "is 77."
-        text = render_trajectory(p.question, [Turn(wrong, render_feedback(task.verify(p, wrong))),
-                                              Turn(gold, render_feedback(task.verify(p, gold)))])
-        rows.append(TrainingExample(text=text, spans=((0, len(text), 1.0),), kind="gold", problem_id=p.id).to_dict())
-    root = tmp_path_factory.mktemp("feedback_model")
-    base = build_tiny_model(TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256,
-                                            numeric_max_digits=2), tokenizer_corpus(task, problems), str(root / "base"))
-    run = train_plain(rows, base, TrainConfig(micro_batch_size=6, learning_rate=3e-3, warmup_ratio=0.05, num_workers=1),
-                      epochs=400, max_steps=400)
-    out = str(root / "model")
-    run.model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    return out, problems
 
 
 def test_self_improving_inference_through_vllm_equals_hf(feedback_model_dir, vllm_for, task):

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from tripost_ray.config import TeacherConfig
+from tripost_ray.config import ServeConfig, TeacherConfig
 
 #: What ``--quiet`` sets: progress as one log line per stage at start and end, no bars (CI logs).
 QUIET_OVERRIDES = ("progress=lines",)
@@ -58,6 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="fault rates, e.g. '429=0.2,500=0.05,malformed=0.05,hang=0.01'")
     teacher.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
                          help="refuse larger request bodies (413)")
+
+    served = serve_sub.add_parser("model", help="a trained model behind the OpenAI API, answering with "
+                                  "self-improving inference")
+    served.add_argument("model", metavar="MODEL_OR_RUN",
+                        help="model folder, fsspec URL, or run folder (serves its last trained model)")
+    served.add_argument("--task", required=True)
+    served.add_argument("--host", default=None, help=f"bind address (default serve.host: {ServeConfig().host})")
+    served.add_argument("--port", type=int, default=None, help=f"port (default serve.port: {ServeConfig().port})")
+    served.add_argument("--api-key-env", default=None, help="require this env var's value as bearer key")
+    served.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, e.g. -o serve.max_replicas=4 -o rollout.engine=vllm (repeatable)")
 
     rep = sub.add_parser("report", help="(re)write and print a run's report")
     rep.add_argument("run", help="run folder (fsspec URL)")
@@ -151,25 +162,45 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    """``tripost serve teacher``: serve until Ctrl-C. Everything that can be refused
-    (task, host without a key, a taken port) is refused in one line before Ray starts."""
+def _serve_key(args) -> str | None:
+    """The key ``--api-key-env`` names (None without it); an unset variable is refused."""
+    from tripost_ray.config import ConfigError
+
+    if not args.api_key_env:
+        return None
+    api_key = os.environ.get(args.api_key_env)
+    if not api_key:
+        raise ConfigError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
+    return api_key
+
+
+def _serve_until_interrupted() -> None:
     from ray import serve
 
-    from tripost_ray.config import ConfigError
-    from tripost_ray.ray_setup import init_ray
-    from tripost_ray.serve.teacher import (DEFAULT_MODEL, Faults, check_port_free, check_teacher_args,
-                                           openai_base_url, start_teacher)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
 
-    api_key = None
-    if args.api_key_env:
-        api_key = os.environ.get(args.api_key_env)
-        if not api_key:
-            raise ConfigError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
+
+def cmd_serve(args) -> int:
+    """``tripost serve teacher`` / ``tripost serve model``: serve until Ctrl-C. Everything that
+    can be refused (task, model, host without a key, a taken port) is refused in one line
+    before Ray starts."""
+    if args.app == "model":
+        return cmd_serve_model(args)
+    from tripost_ray.ray_setup import init_ray
+    from tripost_ray.serve.common import check_port_free, openai_base_url
+    from tripost_ray.serve.teacher import DEFAULT_MODEL, Faults, check_teacher_args, start_teacher
+
+    api_key = _serve_key(args)
     faults = Faults.parse(args.faults)
     check_teacher_args(args.task, None, args.host, api_key)
     if not os.environ.get("RAY_ADDRESS"):  # a fresh local cluster has no Serve: whoever holds the port is someone else
-        check_port_free(args.host, args.port)
+        check_port_free(args.host, args.port, "--port / teacher.port")
     init_ray()  # joins the cluster in RAY_ADDRESS, else starts a local one
     root = start_teacher(args.task, host=args.host, port=args.port, latency_s=args.latency_s, faults=faults,
                          api_key=api_key, max_body_bytes=args.max_body_bytes)
@@ -179,13 +210,36 @@ def cmd_serve(args) -> int:
     print(f"  OpenAI:    base_url={openai_base_url(root)}  (POST /v1/chat/completions; from this machine)")
     print(f"  Anthropic: base_url={root}  (POST /v1/messages; from this machine)")
     print(f"  model:     {DEFAULT_MODEL} ; stats: GET {root}/stats ; Ctrl-C to stop", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        serve.shutdown()
+    _serve_until_interrupted()
+    return 0
+
+
+def cmd_serve_model(args) -> int:
+    """``tripost serve model MODEL_OR_RUN --task NAME [--host H] [--port P] [--api-key-env V] [-o k=v]``."""
+    from tripost_ray.config import load_config
+    from tripost_ray.preflight import check_engine
+    from tripost_ray.ray_setup import init_ray
+    from tripost_ray.serve.common import check_open_host, check_port_free, openai_base_url
+    from tripost_ray.serve.model import served_model_source, start_model_server
+
+    api_key = _serve_key(args)
+    cfg = load_config(None, list(args.override) + [f"task.name={args.task}"])
+    host, port = args.host or cfg.serve.host, args.port or cfg.serve.port
+    check_open_host(host, api_key)
+    check_engine(cfg)
+    model = served_model_source(args.model)
+    if not os.environ.get("RAY_ADDRESS"):  # a fresh local cluster has no Serve: whoever holds the port is someone else
+        check_port_free(host, port, "--port / serve.port")
+    init_ray(cfg.ray)  # joins the cluster in RAY_ADDRESS or ray.address, else starts a local one
+    root = start_model_server(model, cfg, host=host, port=port, api_key=api_key)
+    where = "all interfaces" if host in ("0.0.0.0", "::") else "this address only"
+    print(f"model {model} ({cfg.task.name}, engine {cfg.rollout.engine}) listening on {host}:{port} "
+          f"({where}); key {'required' if api_key else 'not required'}")
+    print(f"  OpenAI: base_url={openai_base_url(root)}  (POST /v1/chat/completions, /v1/completions; "
+          "from this machine)")
+    print(f"  model:  {cfg.serve.model_name} ; round limit: extra_body={{'max_rounds': N}} "
+          f"(default {cfg.eval.self_improve_rounds}) ; Ctrl-C to stop", flush=True)
+    _serve_until_interrupted()
     return 0
 
 

@@ -333,6 +333,45 @@ class TeacherConfig(Section):
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies are refused (413).")
 
 
+# -------------------------------------------------------------------------- serve
+
+
+class ServeConfig(Section):
+    """``tripost serve model``: a trained model behind the OpenAI API, answering with
+    self-improving inference (:mod:`tripost_ray.serve.model`).
+
+    It decodes as ``tripost eval`` does: the engine, dtype and per-replica torch threads are
+    the rollout and model sections', and a request's defaults are the eval section's
+    (``self_improve_rounds``, ``max_new_tokens``, greedy). No stage hashes this section.
+    """
+
+    host: str = Field("127.0.0.1", description="Bind address; loopback unless told otherwise (then a key is needed).")
+    port: int = Field(8124, ge=1, le=65535)
+    model_name: str = Field("tripost-model", min_length=1, description="The model name requests must send.")
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int | None = Field(
+        None, ge=1, description="Autoscaling between min and max replicas on ongoing requests. None: one replica per "
+        "GPU of the cluster when replicas take GPUs, else min_replicas.")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="Autoscaling target per replica.")
+    num_gpus_per_replica: float | None = Field(
+        None, ge=0, description="None: 1 where the Ray cluster has GPUs (one replica per GPU), else 0.")
+    num_cpus_per_replica: float = Field(1.0, gt=0)
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests a replica holds at once (queued or batched).")
+    max_batch_size: int = Field(
+        16, ge=1, description="Requests of many clients answered by one engine call (a round of every request in it "
+        "batched together; vLLM schedules them continuously).")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a batch waits for more requests.")
+    max_rounds_limit: int = Field(8, ge=0, description="The largest round limit a request may ask for.")
+    max_tokens_limit: int = Field(2048, ge=1, description="The largest max_tokens (per round) a request may ask for.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies are refused (413).")
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> "ServeConfig":
+        if self.max_replicas is not None and self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        return self
+
+
 # ------------------------------------------------------------------------ storage
 
 
@@ -410,6 +449,7 @@ class JobConfig(Section):
     feedback: ProviderConfig = Field(default_factory=ProviderConfig)
     improve: ProviderConfig = Field(default_factory=ProviderConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     editing: EditingConfig = Field(default_factory=EditingConfig)
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -1,1 +1,2 @@
-"""Ray Serve applications: the scripted teacher behind LLM wire formats."""
+"""Ray Serve applications: the scripted teacher behind LLM wire formats, and the trained model
+behind the OpenAI API (self-improving inference); ``common`` holds what both share."""

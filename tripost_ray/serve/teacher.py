@@ -21,7 +21,8 @@ that charges usage (TPM, cost, budget). ``max_tokens`` truncates a reply at that
 words (``finish_reason: length`` / ``stop_reason: max_tokens``); stop strings cut it.
 
 **It says no rather than answer wrongly.** Each request is validated (strict pydantic
-models of the fields it understands; any other field is refused): a malformed field,
+models of the fields it understands; any other field is refused; the checks, the key and
+the port rules are :mod:`tripost_ray.serve.common`, shared with the model server): a malformed field,
 a model name it does not serve, ``n`` other than 1 or a body that is not a JSON object
 gets a 400 naming the field and the reason; a body over ``max_body_bytes`` a 413
 (``request_too_large``, as Anthropic's API answers). ``stream: true`` is streamed as
@@ -48,26 +49,43 @@ second cluster's Serve included) is refused before Serve starts.
 
 
 import asyncio
-import hashlib
-import hmac
-import ipaddress
 import json
 import random
 import re
-import socket
 import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
-from typing import Annotated, Any, Iterator, Literal, Optional, Sequence, Tuple
+from typing import Iterator, Literal, Optional, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import Field
 from ray import serve
 
 from tripost_ray.config import ConfigError, TeacherConfig
+from tripost_ray.serve.common import (
+    Message,
+    OpenAIMessage,
+    RequestError,
+    ServeError,
+    Stops,
+    StreamOptions,
+    StrictRequest,
+    Text,
+    Tokens,
+    authorized,
+    check_open_host,
+    error_response,
+    key_digest,
+    openai_base_url,  # noqa: F401  (re-exported: the teacher's callers import it from here)
+    parse_body,
+    read_body,
+    start_proxy,
+    unauthorized,
+)
+from tripost_ray.serve.common import sse as _sse
 
 DEFAULT_MODEL = "tripost-teacher"
 DEFAULT_MAX_BODY_BYTES: int = TeacherConfig.model_fields["max_body_bytes"].default
@@ -194,60 +212,12 @@ class Answerer:
 # ---------------------------------------------------------------------- requests
 
 
-class RequestError(ValueError):
-    """A request the teacher refuses; ``status`` (400 or 413) and the message say why."""
-
-    def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.kind = status, kind
-
-
-def _text(value: Any) -> str:
-    """A message's text: a string or a list of text blocks; anything else is refused."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(isinstance(b, dict) and b.get("type") == "text"
-                                       and isinstance(b.get("text"), str) for b in value):
-        return "".join(b["text"] for b in value)
-    raise ValueError("must be a string or a list of {'type': 'text', 'text': ...} blocks")
-
-
-def _stops(value: Any) -> Any:
-    if isinstance(value, str):
-        return [value]
-    if value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-        return value
-    raise ValueError("must be a string or a list of strings")
-
-
-Text = Annotated[str, BeforeValidator(_text)]
-Stops = Annotated[Optional[list[str]], BeforeValidator(_stops)]
-Tokens = Annotated[Optional[int], Field(ge=1)]
-
-
-class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-
-class _Message(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")  # e.g. an OpenAI message's "name"
-
-
-class OpenAIMessage(_Message):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text
-
-
-class AnthropicMessage(_Message):
+class AnthropicMessage(Message):
     role: Literal["user", "assistant"]
     content: Text
 
 
-class StreamOptions(_Request):
-    include_usage: bool = False
-
-
-class OpenAIRequest(_Request):
+class OpenAIRequest(StrictRequest):
     """The fields of a chat completion this teacher understands (any other is refused)."""
 
     model: str
@@ -264,7 +234,7 @@ class OpenAIRequest(_Request):
     user: Optional[str] = None
 
 
-class AnthropicRequest(_Request):
+class AnthropicRequest(StrictRequest):
     """The fields of a Messages request this teacher understands (any other is refused)."""
 
     model: str
@@ -281,20 +251,7 @@ class AnthropicRequest(_Request):
 
 def parse_request(api: str, raw: bytes, models: tuple[str, ...]) -> OpenAIRequest | AnthropicRequest:
     """The validated request, or a :class:`RequestError` naming the first bad field."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise RequestError(f"the body is not JSON ({err})") from None
-    if not isinstance(body, dict):
-        raise RequestError(f"the body must be a JSON object, got {type(body).__name__}")
-    try:
-        req = (OpenAIRequest if api == "openai" else AnthropicRequest).model_validate(body)
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(x) for x in first["loc"]) or "body"
-        msg = first["msg"].removeprefix("Value error, ")
-        more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-        raise RequestError(f"{field}: {msg}{more}") from None
+    req = parse_body(raw, OpenAIRequest if api == "openai" else AnthropicRequest)
     if req.model not in models:
         raise RequestError(f"model {req.model!r} is not served here; this teacher serves: {', '.join(models)}")
     if isinstance(req, OpenAIRequest) and req.n != 1:
@@ -322,11 +279,6 @@ REFUSAL = "I can't help with that."
 def _pieces(text: str) -> list[str]:
     """A reply cut into word-sized deltas (what a streaming client reassembles)."""
     return _PIECE_RE.findall(text) or ([text] if text else [])
-
-
-def _sse(data: dict | str, event: str | None = None) -> str:
-    payload = data if isinstance(data, str) else json.dumps(data)
-    return (f"event: {event}\n" if event else "") + f"data: {payload}\n\n"
 
 
 def openai_body(c: Completion) -> dict:
@@ -423,45 +375,9 @@ class TeacherServer:
 
     # ----------------------------------------------------------------- helpers
 
-    def _authorized(self, request: Request) -> bool:
-        if self.key_sha256 is None:
-            return True
-        presented = request.headers.get("x-api-key") or ""
-        auth = request.headers.get("authorization") or ""
-        if auth.lower().startswith("bearer "):
-            presented = presented or auth[7:].strip()
-        digest = hashlib.sha256(presented.encode()).hexdigest()
-        return hmac.compare_digest(digest, self.key_sha256)
-
     def _log(self, event: list, status: int) -> None:
         event[4] = status
         self.counts["status"][str(status)] += 1
-
-    @staticmethod
-    def _error(api: str, status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
-        if api == "anthropic":
-            body = {"type": "error", "error": {"type": kind, "message": message}}
-        else:
-            body = {"error": {"message": message, "type": kind, "code": status}}
-        return JSONResponse(body, status_code=status, headers=headers)
-
-    def _unauthorized(self, api: str) -> JSONResponse:
-        kind = "authentication_error" if api == "anthropic" else "invalid_api_key"
-        return self._error(api, 401, kind, "invalid or missing API key")
-
-    async def _body(self, request: Request) -> bytes:
-        """The request body, refused (413) past ``max_body_bytes`` without reading it all."""
-        limit = self.max_body_bytes
-        too_big = f"request body exceeds the teacher's limit of {limit} bytes (teacher.max_body_bytes)"
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise RequestError(too_big, 413, "request_too_large")
-        raw = bytearray()
-        async for part in request.stream():
-            raw += part
-            if len(raw) > limit:
-                raise RequestError(too_big, 413, "request_too_large")
-        return bytes(raw)
 
     # ---------------------------------------------------------------- handling
 
@@ -470,11 +386,12 @@ class TeacherServer:
         event = [arrived, api, "?", "none", 0]
         self.events.append(event)
         self.counts["api"][api] += 1
-        if not self._authorized(request):
+        if not authorized(request, self.key_sha256):
             self._log(event, 401)
-            return self._unauthorized(api)
+            return unauthorized(api)
         try:
-            req = parse_request(api, await self._body(request), self.models)
+            req = parse_request(api, await read_body(request, self.max_body_bytes, "teacher.max_body_bytes"),
+                                self.models)
             if isinstance(req, OpenAIRequest):
                 system = "\n".join(m.content for m in req.messages if m.role in ("system", "developer"))
                 messages = [m for m in req.messages if m.role not in ("system", "developer")]
@@ -486,10 +403,10 @@ class TeacherServer:
             role, text = self.answerer.answer(users[-1].content)
         except RequestError as err:
             self._log(event, err.status)
-            return self._error(api, err.status, err.kind, str(err))
+            return error_response(api, err.status, err.kind, str(err))
         except ValueError as err:  # not a TriPosT prompt: the reason, never a crash
             self._log(event, 400)
-            return self._error(api, 400, "invalid_request_error", f"bad request: {err}")
+            return error_response(api, 400, "invalid_request_error", f"bad request: {err}")
         event[2] = role
         self.counts["role"][role] += 1
         fault = self.faults.draw(self.rng)
@@ -502,10 +419,10 @@ class TeacherServer:
             ra = self.faults.retry_after_s
             headers = {"retry-after": f"{ra:g}", "retry-after-ms": str(int(ra * 1000))}
             kind = "rate_limit_error" if api == "anthropic" else "rate_limit_exceeded"
-            return self._error(api, 429, kind, "rate limited (injected)", headers)
+            return error_response(api, 429, kind, "rate limited (injected)", headers)
         if fault == "500":
             self._log(event, 500)
-            return self._error(api, 500, "api_error", "internal error (injected)")
+            return error_response(api, 500, "api_error", "internal error (injected)")
         if fault == "hang":
             await asyncio.sleep(self.faults.hang_s)
         if fault == "malformed":
@@ -541,8 +458,8 @@ class TeacherServer:
 
     @app.get("/stats")
     async def stats(self, request: Request, events: int = 1) -> Response:
-        if not self._authorized(request):
-            return self._unauthorized("openai")
+        if not authorized(request, self.key_sha256):
+            return unauthorized("openai")
         out = {"total": len(self.events), **{k: dict(v) for k, v in self.counts.items()},
                "faults": asdict(self.faults), "latency_s": self.latency_s}
         if events:
@@ -551,8 +468,8 @@ class TeacherServer:
 
     @app.post("/stats/reset")
     async def reset_stats(self, request: Request) -> Response:
-        if not self._authorized(request):
-            return self._unauthorized("openai")
+        if not authorized(request, self.key_sha256):
+            return unauthorized("openai")
         self.reset()
         return JSONResponse({"ok": True})
 
@@ -564,52 +481,8 @@ class TeacherServer:
 # ------------------------------------------------------------------- lifecycle
 
 
-class TeacherError(ConfigError):
-    """The teacher cannot be started as asked (one line for the CLI: it is a ConfigError)."""
-
-
-def _running_proxy() -> Optional[Tuple[str, int]]:
-    """(host, port) of the cluster's Serve HTTP proxy when Serve is running, else None."""
-    from ray.serve.context import _get_global_client
-
-    client = _get_global_client(raise_if_no_controller_running=False)
-    if client is None:
-        return None
-    http = client.http_config
-    return http.host, int(http.port)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is reachable from this machine only."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Refuse a port another process listens on, in one line.
-
-    Binding is the only reliable test: Ray Serve's proxy binds with ``SO_REUSEPORT``, so a
-    second cluster's proxy on the same port would *start* beside the first and the kernel
-    would spread requests over both; this probe binds without it and so fails then.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT leftover is no owner
-        try:
-            probe.bind((host, port))
-        except OSError as err:
-            raise TeacherError(f"{host}:{port} is already in use ({err.strerror}): another teacher, Ray Serve "
-                               "instance or program serves it; choose another port (--port / teacher.port)") from None
+#: The teacher's refusals to start (the shared :class:`~tripost_ray.serve.common.ServeError`).
+TeacherError = ServeError
 
 
 def check_teacher_args(task_name: str, task_options: dict | None, host: str, api_key: str | None) -> None:
@@ -620,9 +493,7 @@ def check_teacher_args(task_name: str, task_options: dict | None, host: str, api
         get_task(task_name, **(task_options or {}))
     except (UnknownTaskError, ValueError, TypeError) as err:
         raise TeacherError(err.args[0] if err.args else str(err)) from None
-    if not is_loopback(host) and not api_key:
-        raise TeacherError(f"host {host!r} is reachable from other machines: serving there needs a key "
-                           "(--api-key-env NAME, the variable holding it), or bind 127.0.0.1")
+    check_open_host(host, api_key)
 
 
 def start_teacher(
@@ -657,42 +528,21 @@ def start_teacher(
     """
     from tripost_ray.ray_setup import init_ray
 
-    if not route_prefix.startswith("/"):
-        raise ConfigError(f"route_prefix must start with '/', got {route_prefix!r}")
     fault_cfg = Faults.parse(faults)
     check_teacher_args(task_name, task_options, host, api_key)
     init_ray()
-    running = _running_proxy()
-    if running is None:
-        port = port or free_port(host)
-        check_port_free(host, port)
-        serve.start(http_options={"host": host, "port": port})
-    else:
-        run_host, run_port = running
-        if (port is not None and port != run_port) or host != run_host:
-            raise TeacherError(
-                f"Ray Serve already runs its HTTP proxy on {run_host}:{run_port} (one per cluster); "
-                f"cannot serve on {host}:{port}. Leave port unset to reuse it, or serve.shutdown() first."
-            )
-        host, port = run_host, run_port
-        if name in serve.status().applications and not replace_existing:
-            raise TeacherError(f"a Serve application named {name!r} already runs on this cluster "
-                               f"({run_host}:{run_port}); stop it (serve.delete({name!r})) or choose another name")
-    key_sha = hashlib.sha256(api_key.encode()).hexdigest() if api_key else None
+    root = start_proxy(host, port, name, route_prefix, replace_existing=replace_existing,
+                       setting="--port / teacher.port")
+    key_sha = key_digest(api_key)
     deployment = TeacherServer.bind(task_name, dict(task_options or {}), float(latency_s), asdict(fault_cfg),
                                     key_sha, list(models), int(max_body_bytes))
     serve.run(deployment, name=name, route_prefix=route_prefix, blocking=False)
-    url_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    return f"http://{url_host}:{port}{route_prefix.rstrip('/')}"
+    return root
 
 
 def stop_teacher(name: str = "teacher") -> None:
     """Delete one teacher app (Serve itself keeps running; ``serve.shutdown()`` stops it)."""
     serve.delete(name)
-
-
-def openai_base_url(root: str) -> str:
-    return root.rstrip("/") + "/v1"
 
 
 def _stats_request(root: str, path: str, api_key: str | None, method: str) -> dict:
