@@ -125,6 +125,46 @@ def test_reduced_quickstart_end_to_end_then_resumes_without_work(sft_model_dir, 
     assert sorted((m.step, m.value) for m in resumed["accuracy"]) == accuracy and len(resumed["loss"]) == steps
 
 
+def test_the_model_server_serves_the_runs_last_model_end_to_end(e2e_run, serve_port):
+    """``tripost serve model <run folder>`` on the reduced quickstart's run, with the run's own
+    config: the app loads iteration 2's model and answers through the openai SDK, whole and
+    streamed, exactly as self-improving inference on that model does here."""
+    import openai
+    from ray import serve
+
+    from tripost_ray.generation import HFGenerationEngine
+    from tripost_ray.inference import self_improving_inference
+    from tripost_ray.models import load_model_and_tokenizer
+    from tripost_ray.serve.common import openai_base_url
+    from tripost_ray.serve.model import question_problem, served_model_source, start_model_server
+    from tripost_ray.tasks import get_task
+
+    run, _ = e2e_run
+    cfg = load_config(run / "config.yaml")
+    assert served_model_source(str(run)) == str(run / "iter_2/train/model")
+    task = get_task(cfg.task.name, **cfg.task.difficulty)
+    asked = [question_problem(p.question) for p in task.generate(3, "test_seen", seed=1)]
+    model, tok = load_model_and_tokenizer(str(run / "iter_2/train/model"), dtype="float32", device="cpu")
+    want = self_improving_inference(HFGenerationEngine(model, tok, batch_size=1), task, asked,
+                                    max_new_tokens=cfg.eval.max_new_tokens, max_rounds=cfg.eval.self_improve_rounds)
+
+    root = start_model_server(str(run), cfg, name="e2e-model", route_prefix="/e2e-model")
+    try:
+        client = openai.OpenAI(api_key="unused", base_url=openai_base_url(root), max_retries=0, timeout=600)
+        for problem, expected in zip(asked, want):
+            messages = [{"role": "user", "content": problem.question}]
+            reply = client.chat.completions.create(model=cfg.serve.model_name, messages=messages)
+            assert reply.choices[0].message.content == expected.turns[-1].attempt
+            loop = reply.model_extra["tripost"]
+            assert (loop["rounds"], loop["stop_reason"], loop["final_answer"]) == (
+                expected.rounds, expected.stop_reason, expected.final_answer)
+        stream = client.chat.completions.create(model=cfg.serve.model_name, stream=True, messages=[
+            {"role": "user", "content": asked[0].question}])
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want[0].turns[-1].attempt
+    finally:
+        serve.delete("e2e-model")
+
+
 def _mlflow_run(run: Path) -> dict:
     """The only MLflow run of a run folder, read with MLflow's own client."""
     from mlflow import MlflowClient
