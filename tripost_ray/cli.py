@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--faults", default=defaults.faults,
                          help="fault rates, e.g. '429=0.2,500=0.05,malformed=0.05,hang=0.01'")
     teacher.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
-                         help="refuse larger request bodies (413)")
+                         help="refuse larger request bodies (400)")
 
     served = serve_sub.add_parser("model", help="a trained model behind the OpenAI API, answering with "
                                   "self-improving inference")

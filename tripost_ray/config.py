@@ -330,7 +330,7 @@ class TeacherConfig(Section):
     port: int = Field(8123, ge=1, le=65535)
     latency_s: float = Field(0.0, ge=0, description="Added latency per request (benchmarks).")
     faults: str = Field("", description="Injected fault rates, e.g. '429=0.2,500=0.05' (tests).")
-    max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies are refused (413).")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies are refused (400).")
 
 
 # -------------------------------------------------------------------------- serve
@@ -363,7 +363,7 @@ class ServeConfig(Section):
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a batch waits for more requests.")
     max_rounds_limit: int = Field(8, ge=0, description="The largest round limit a request may ask for.")
     max_tokens_limit: int = Field(2048, ge=1, description="The largest max_tokens (per round) a request may ask for.")
-    max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies are refused (413).")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies are refused (400).")
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> "ServeConfig":

@@ -13,8 +13,8 @@ cluster; each says no the same way:
   for it is refused (the proxy is cluster-wide), as is a second app of a running app's name.
 * **Requests**: a strict pydantic model of the fields an app understands (any other field
   is refused); a malformed field, a body that is not a JSON object or a model name the app
-  does not serve gets a 400 naming the field and the reason, a body over the app's limit a
-  413, read no further than the limit.
+  does not serve gets a 400 naming the field and the reason, as does a body over the app's
+  limit (read no further than the limit).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class ServeError(ConfigError):
 
 
 class RequestError(ValueError):
-    """A request an app refuses; ``status`` (400 or 413) and the message say why."""
+    """A request an app refuses; ``status`` (a 4xx) and the message say why."""
 
     def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error"):
         super().__init__(message)
@@ -115,17 +115,17 @@ def parse_body(raw: bytes, model: type[R]) -> R:
 
 
 async def read_body(request: Request, limit: int, setting: str) -> bytes:
-    """The request body, refused (413) past ``limit`` bytes without reading it all;
+    """The request body, refused (400) past ``limit`` bytes without reading it all;
     ``setting`` names the config field that sets the limit."""
     too_big = f"request body exceeds the server's limit of {limit} bytes ({setting})"
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestError(too_big, 413, "request_too_large")
+        raise RequestError(too_big, 400, "request_too_large")
     raw = bytearray()
     async for part in request.stream():
         raw += part
         if len(raw) > limit:
-            raise RequestError(too_big, 413, "request_too_large")
+            raise RequestError(too_big, 400, "request_too_large")
     return bytes(raw)
 
 

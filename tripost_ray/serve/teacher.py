@@ -24,8 +24,8 @@ words (``finish_reason: length`` / ``stop_reason: max_tokens``); stop strings cu
 models of the fields it understands; any other field is refused; the checks, the key and
 the port rules are :mod:`tripost_ray.serve.common`, shared with the model server): a malformed field,
 a model name it does not serve, ``n`` other than 1 or a body that is not a JSON object
-gets a 400 naming the field and the reason; a body over ``max_body_bytes`` a 413
-(``request_too_large``, as Anthropic's API answers). ``stream: true`` is streamed as
+gets a 400 naming the field and the reason, as does a body over ``max_body_bytes``
+(error type ``request_too_large``). ``stream: true`` is streamed as
 server-sent events in each API's own format (OpenAI ``chat.completion.chunk`` deltas
 and ``[DONE]``; Anthropic ``message_start`` ... ``message_stop``), so the SDKs'
 streaming helpers work unchanged.
