@@ -112,9 +112,9 @@ def main() -> int:
             questions = [p.question for p in get_task(TASK, **EASY_ARITHMETIC).generate(24, "test_seen", seed=1)]
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         cfg = build_config({
-            "task": {"name": TASK, "difficulty": EASY_ARITHMETIC}, "rollout": {"engine": args.engine},
+            "task": {"name": TASK, "difficulty": EASY_ARITHMETIC},
             "eval": {"self_improve_rounds": args.rounds, "max_new_tokens": args.max_tokens},
-            "serve": {"max_batch_size": args.clients, "batch_wait_timeout_s": 0.05},
+            "serve": {"engine": args.engine, "max_batch_size": args.clients, "batch_wait_timeout_s": 0.05},
         })
         t0 = time.perf_counter()
         base_url = openai_base_url(start_model_server(model, cfg, name="bench-model", route_prefix="/bench-model"))

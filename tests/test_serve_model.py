@@ -39,13 +39,14 @@ ROUNDS, TOKENS = 2, 300  # the served default round limit; an attempt is ~200 to
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _config():
+def _config(engine: str = "hf"):
+    """The served config; the reference runs HF here, so sampled answers compare only on HF."""
     return build_config({
         "task": {"name": TASK, "difficulty": EASY_ARITHMETIC},
         "rollout": {"torch_threads_per_actor": 1},
         "eval": {"self_improve_rounds": ROUNDS, "max_new_tokens": TOKENS},
         # a long batch wait, so the concurrent requests of a test are answered together
-        "serve": {"num_cpus_per_replica": 0.5, "max_batch_size": 8, "batch_wait_timeout_s": 0.5},
+        "serve": {"engine": engine, "num_cpus_per_replica": 0.5, "max_batch_size": 8, "batch_wait_timeout_s": 0.5},
     })
 
 
@@ -118,6 +119,39 @@ def test_sampling_options_and_seed_reach_the_engine(served, reference):
     for p, w, reply in zip(asked, want, replies):
         _check(reply.model_extra["tripost"], w, p.question)
         assert reply.model_extra["tripost"]["round_seeds"] == w.round_seeds
+
+
+def test_a_vllm_replica_batches_concurrent_clients_and_answers_as_hf_does(served, reference, feedback_model_dir):
+    """``serve.engine: vllm``: one vLLM engine in the replica, concurrent requests scheduled on
+    it together; greedy answers and whole loops equal HF's on this fp32 model."""
+    from ray import serve
+
+    from conftest import require_vllm
+
+    require_vllm()
+    roots, problems = served
+    want = reference(problems, max_rounds=ROUNDS)
+    root = start_model_server(feedback_model_dir[0], _config("vllm"), name="srv-model-vllm",
+                              route_prefix="/srv-model-vllm")
+    try:
+        client = _client(root)
+        with ThreadPoolExecutor(len(problems)) as pool:
+            replies = list(pool.map(lambda p: _ask(client, p.question), problems))
+        for p, w, reply in zip(problems, want, replies):
+            assert reply.choices[0].message.content == w.turns[-1].attempt
+            _check(reply.model_extra["tripost"], w, p.question)
+        stream = _ask(client, problems[0].question, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want[0].turns[-1].attempt
+    finally:
+        serve.delete("srv-model-vllm")
+
+
+def test_auto_serves_with_vllm_where_it_is_installed():
+    from tripost_ray.serve.model import served_engine
+    from tripost_ray.vllm_engine import vllm_installed
+
+    assert served_engine(build_config({})) == ("vllm" if vllm_installed() else "hf")
+    assert served_engine(build_config({"serve": {"engine": "hf"}})) == "hf"
 
 
 def test_round_limit_0_is_a_plain_attempt(served, reference):

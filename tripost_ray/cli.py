@@ -134,7 +134,7 @@ def cmd_eval(args) -> int:
 
     cfg = load_config(None, list(args.override) + [f"task.name={args.task}"])  # ConfigError: main() reports it
     check_output_file(args.out, "--out")  # before the evaluation, not after it
-    check_engine(cfg)
+    check_engine(cfg.rollout.engine)
     try:
         task = get_task(args.task, **cfg.task.difficulty)
         if args.problems:
@@ -220,20 +220,20 @@ def cmd_serve_model(args) -> int:
     from tripost_ray.preflight import check_engine
     from tripost_ray.ray_setup import init_ray
     from tripost_ray.serve.common import check_open_host, check_port_free, openai_base_url
-    from tripost_ray.serve.model import served_model_source, start_model_server
+    from tripost_ray.serve.model import served_engine, served_model_source, start_model_server
 
     api_key = _serve_key(args)
     cfg = load_config(None, list(args.override) + [f"task.name={args.task}"])
     host, port = args.host or cfg.serve.host, args.port or cfg.serve.port
     check_open_host(host, api_key)
-    check_engine(cfg)
+    check_engine(cfg.serve.engine, "serve.engine")
     model = served_model_source(args.model)
     if not os.environ.get("RAY_ADDRESS"):  # a fresh local cluster has no Serve: whoever holds the port is someone else
         check_port_free(host, port, "--port / serve.port")
     init_ray(cfg.ray)  # joins the cluster in RAY_ADDRESS or ray.address, else starts a local one
     root = start_model_server(model, cfg, host=host, port=port, api_key=api_key)
     where = "all interfaces" if host in ("0.0.0.0", "::") else "this address only"
-    print(f"model {model} ({cfg.task.name}, engine {cfg.rollout.engine}) listening on {host}:{port} "
+    print(f"model {model} ({cfg.task.name}, engine {served_engine(cfg)}) listening on {host}:{port} "
           f"({where}); key {'required' if api_key else 'not required'}")
     print(f"  OpenAI: base_url={openai_base_url(root)}  (POST /v1/chat/completions, /v1/completions; "
           "from this machine)")

@@ -340,10 +340,14 @@ class ServeConfig(Section):
     """``tripost serve model``: a trained model behind the OpenAI API, answering with
     self-improving inference (:mod:`tripost_ray.serve.model`).
 
-    It decodes as ``tripost eval`` does: the engine, dtype and per-replica torch threads are
-    the rollout and model sections', and a request's defaults are the eval section's
-    (``self_improve_rounds``, ``max_new_tokens``, greedy). No stage hashes this section.
+    It decodes as ``tripost eval`` does, with its own engine choice: dtype and per-replica
+    torch threads are the model and rollout sections', and a request's defaults are the eval
+    section's (``self_improve_rounds``, ``max_new_tokens``, greedy). No stage hashes this section.
     """
+
+    engine: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="auto: vllm where it is installed, else hf. A server starts its engine once, so "
+        "vLLM's start-up (the reason the quickstart's short stages keep hf) is paid once for every request.")
 
     host: str = Field("127.0.0.1", description="Bind address; loopback unless told otherwise (then a key is needed).")
     port: int = Field(8124, ge=1, le=65535)

@@ -35,7 +35,7 @@ def check_job(cfg: JobConfig) -> None:
         check_folder(cfg.editing.cache_uri, "editing.cache_uri")
     check_problem_files(cfg)
     check_model(cfg)
-    check_engine(cfg)
+    check_engine(cfg.rollout.engine)
     check_keys(cfg)
 
 
@@ -113,13 +113,13 @@ def check_model(cfg: JobConfig) -> None:
         check_folder(cfg.model.cache_dir, "model.cache_dir")
 
 
-def check_engine(cfg: JobConfig) -> None:
-    """The generation engine ``rollout.engine`` names is installed here (the driver's
+def check_engine(engine: str, setting: str = "rollout.engine") -> None:
+    """The generation engine ``setting`` names is installed here (the driver's
     environment; a cluster's image must have it too)."""
     from tripost_ray.vllm_engine import INSTALL_HINT, vllm_installed
 
-    if cfg.rollout.engine == "vllm" and not vllm_installed():
-        raise PreflightError(f"rollout.engine: vllm is not installed; {INSTALL_HINT}")
+    if engine == "vllm" and not vllm_installed():
+        raise PreflightError(f"{setting}: vllm is not installed; {INSTALL_HINT}")
 
 
 def check_keys(cfg: JobConfig) -> None:

@@ -40,7 +40,7 @@ nothing truthful to stream before (the time to the first token is the whole answ
 ``serve.batch_wait_timeout_s``) and answered by one inference call per set of decoding
 options, so each round of every request in the batch is one engine call: HF ``generate``
 batches, vLLM schedules them continuously. Each replica owns one engine
-(:func:`tripost_ray.rollout.build_engine`: ``rollout.engine``, hf or vllm), called from one
+(:func:`tripost_ray.rollout.build_engine`; ``serve.engine``: vLLM where installed, else HF), called from one
 thread of its own; replicas take ``serve.num_gpus_per_replica`` GPUs (one per GPU on GPU
 clusters) and autoscale between ``serve.min_replicas`` and ``serve.max_replicas``.
 """
@@ -348,6 +348,15 @@ def served_model_source(source: str) -> str:
     return max(trained, key=lambda m: m.get("started_at", 0.0))["model"]
 
 
+def served_engine(cfg: JobConfig) -> Literal["hf", "vllm"]:
+    """The engine ``serve.engine`` names; ``auto`` is vLLM where it is installed, else HF."""
+    from tripost_ray.vllm_engine import vllm_installed
+
+    if cfg.serve.engine == "auto":
+        return "vllm" if vllm_installed() else "hf"
+    return cfg.serve.engine
+
+
 def replicas(cfg: JobConfig, gpus: float) -> tuple[float, int, int]:
     """(GPUs per replica, min replicas, max replicas) on a cluster with ``gpus`` GPUs: one
     replica per GPU where it has GPUs, unless the serve section says otherwise."""
@@ -368,7 +377,7 @@ def start_model_server(model: str, cfg: JobConfig, host: str = "127.0.0.1", port
     """Deploy the model app and return its root URL (OpenAI clients use ``<root>/v1``).
 
     ``model``: a model folder, an fsspec URL or a run folder (:func:`served_model_source`).
-    ``cfg``: its task, engine (``rollout.engine``), load settings, the eval section's decoding
+    ``cfg``: its task, engine (:func:`served_engine`), load settings, the eval section's decoding
     defaults and the serve section's replicas, batching and limits. Serve's proxy is started
     on ``host:port`` or the cluster's running one reused, as for the teacher
     (:func:`tripost_ray.serve.common.start_proxy`); a non-loopback host needs ``api_key``.
@@ -387,7 +396,7 @@ def start_model_server(model: str, cfg: JobConfig, host: str = "127.0.0.1", port
     gpus, least, most = replicas(cfg, float(ray.cluster_resources().get("GPU", 0)))
     s = cfg.serve
     generation = JobSpecs(cfg).eval().generation
-    spec = generation.model_copy(update={"pool": generation.pool.model_copy(update={
+    spec = generation.model_copy(update={"engine": served_engine(cfg), "pool": generation.pool.model_copy(update={
         "num_gpus_per_actor": gpus, "num_cpus_per_actor": s.num_cpus_per_replica, "max_actors": most})})
     limits = Limits(model_name=s.model_name, max_new_tokens=cfg.eval.max_new_tokens,
                     max_rounds=cfg.eval.self_improve_rounds, seed=cfg.rollout.seed,
