@@ -232,9 +232,12 @@ def ray_head():
     log = open(temp_dir / "head.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
+    died = None
     try:
         _wait_for_job_server(address, token, proc, temp_dir)
         yield {"address": address, "token": token, "temp_dir": temp_dir, "pid": proc.pid}
+        if proc.poll() is not None:  # the head died under a test: say why before its logs go
+            died = _head_logs(temp_dir)
     finally:
         proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its own node's processes
         try:
@@ -244,6 +247,16 @@ def ray_head():
             proc.wait(timeout=30)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+    if died:
+        pytest.fail("the Ray head exited during the tests:\n" + died, pytrace=False)
+
+
+def _head_logs(temp_dir: Path) -> str:
+    """The tails of ``ray start``'s output and of the head's own logs."""
+    logs = temp_dir / "session_latest" / "logs"
+    files = [temp_dir / "head.log", *sorted(logs.glob("*.err")), *sorted(logs.glob("dashboard*.log")),
+             logs / "raylet.out", logs / "gcs_server.out"]
+    return "\n".join(f"===== {f.name}\n{f.read_text(errors='replace')[-3000:]}" for f in files if f.is_file())
 
 
 def _wait_for_job_server(address: str, token: str, proc: subprocess.Popen, temp_dir: Path) -> None:
