@@ -1,7 +1,8 @@
 """One writer per run folder: a second run is refused, a dead holder's lock is taken over.
 
 Local folders use a real second process holding the real lock (flock), killed with
-SIGKILL; object stores are exercised on fsspec's memory:// with an injected clock.
+SIGKILL; object stores are exercised on fsspec's memory:// with an injected clock, and with
+threads released together for takers at the same moment (memory:// is one process's store).
 """
 
 from __future__ import annotations

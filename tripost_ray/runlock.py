@@ -7,12 +7,16 @@ so the second is refused with the holder's host and pid.
   ``flock(2)`` on the file. The kernel drops it when the holder dies, however it dies, so a
   lock left by a killed process is stale by construction and is taken over (with a
   warning naming the dead holder); nothing depends on clocks or pids.
-* **Object stores** (s3://, gs://, memory://) have no locks. The nearest real thing is a
-  lock file with host, pid and a heartbeat that the holder rewrites every
-  ``storage.lock_heartbeat_s``: a lock whose heartbeat is older than ``storage.lock_stale_s``,
-  or whose holder is a dead pid on this host, is stale and taken over. Two processes that
-  start within the same moment can both win (a store without conditional writes cannot
-  prevent it); the one whose lock was overwritten logs an error at its next heartbeat.
+* **Object stores** (s3://, gs://, memory://) have no locks. The lock file holds host, pid
+  and a heartbeat that the holder rewrites every ``storage.lock_heartbeat_s``; a lock whose
+  heartbeat is older than ``storage.lock_stale_s``, or whose holder is a dead pid on this host,
+  is stale and taken over. Where the backend has an atomic create-if-absent
+  (:data:`tripost_ray.storage.EXCLUSIVE_CREATE`: s3fs on AWS S3, gcsfs, fsspec's memory://),
+  the lock file is created only if absent and a stale lock is replaced only by the one process
+  that first creates its takeover claim, so of any number of takers starting at once exactly
+  one holds the lock. On other backends the lock is read, checked and written (best-effort,
+  with a warning): two processes that start within the same moment can both win, and the one
+  whose lock was overwritten logs an error at its next heartbeat.
 """
 
 from __future__ import annotations
