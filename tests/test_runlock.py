@@ -245,3 +245,14 @@ def test_lock_without_exclusive_create_is_best_effort_and_says_so(caplog):
     with run_lock(root, cfg):
         assert storage.read_json(url)["pid"] == os.getpid()
     assert "taking over the stale lock of pid 1 on host elsewhere" in caplog.text
+
+
+def test_unreadable_object_store_lock_and_claim_are_taken_over():
+    root = f"memory://runs/{uuid.uuid4().hex}"
+    url = storage.join(root, LOCK)
+    fs, path = storage.fs_for(url)
+    fs.pipe_file(path, b'{"host": ')  # a lock and a claim cut short: no holder can be read from them
+    fs.pipe_file(f"{path}.takeover-unreadable-0", b"")
+    with run_lock(root, StorageConfig(lock_heartbeat_s=3600, lock_stale_s=10_000)):
+        assert storage.read_json(url)["pid"] == os.getpid()
+        assert sorted(storage.file_sizes(root)) == [LOCK]

@@ -168,7 +168,8 @@ def _take_exclusive(url: str, holder: dict, cfg: StorageConfig, clock: Callable[
         while current is not None:
             if not _stale(current, cfg, clock()):
                 raise _locked(root, current, cfg, clock())
-            claims.append(f"{url}.takeover-{current.get('token', 'unreadable')}")
+            # an unreadable record has no token: name its claim by its place, so the chain moves on
+            claims.append(f"{url}.takeover-{current.get('token', f'unreadable-{len(claims)}')}")
             if storage.create_exclusive(claims[-1], data):
                 break
             current = _read_store_lock(claims[-1])
