@@ -1,7 +1,8 @@
 """One writer per run folder: a second run is refused, a dead holder's lock is taken over.
 
 Local folders use a real second process holding the real lock (flock), killed with
-SIGKILL; object stores are exercised on fsspec's memory:// with an injected clock.
+SIGKILL; object stores are exercised on fsspec's memory:// with an injected clock, and with
+threads released together for takers at the same moment (memory:// is one process's store).
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
+import fsspec
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 
 from tripost_ray import storage
 from tripost_ray.cli import main
@@ -122,3 +126,133 @@ def test_object_store_lock_renews_its_heartbeat():
         assert renewed.is_set()
         assert storage.read_json(url)["pid"] == os.getpid()
     assert not storage.exists(url)
+
+
+@pytest.fixture
+def fast_thread_switches():
+    """Switch threads every microsecond (CPython's default is 5 ms), so that threads released
+    together interleave inside the lock code instead of running one after another."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)
+
+
+def _race(root: str, takers: int, cfg: StorageConfig) -> tuple[list[dict], list[str]]:
+    """``takers`` threads released at once all try to lock ``root``; each winner holds the lock
+    until every taker has tried. Returns the winners' holder records and the refusals."""
+    import threading
+
+    start, tried = threading.Barrier(takers), threading.Barrier(takers)
+    won: list[dict] = []
+    refused: list[str] = []
+
+    def take() -> None:
+        start.wait()
+        try:
+            with run_lock(root, cfg) as mine:
+                won.append(mine)
+                tried.wait()
+        except RunLockedError as err:
+            refused.append(str(err))
+            tried.wait()
+
+    threads = [threading.Thread(target=take) for _ in range(takers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return won, refused
+
+
+def test_object_store_lock_taken_at_the_same_moment_has_one_holder(fast_thread_switches):
+    cfg = StorageConfig(lock_heartbeat_s=3600, lock_stale_s=10_000)
+    for _ in range(10):  # each round a fresh folder; any round with two holders fails
+        root = f"memory://runs/{uuid.uuid4().hex}"
+        won, refused = _race(root, 8, cfg)
+        assert len(won) == 1 and len(refused) == 7, f"{len(won)} holders at once"
+        assert all(f"is being written by pid {os.getpid()}" in message for message in refused), refused
+        assert not storage.exists(storage.join(root, LOCK))
+
+
+def test_stale_object_store_lock_taken_over_by_two_at_once_has_one_holder(fast_thread_switches, caplog):
+    cfg = StorageConfig(lock_heartbeat_s=3600, lock_stale_s=10_000)
+    for _ in range(10):
+        root = f"memory://runs/{uuid.uuid4().hex}"
+        url = storage.join(root, LOCK)
+        storage.write_json(url, {"host": "elsewhere", "pid": 1, "token": "stale", "heartbeat_at": 0, "started_at": 0})
+        won, refused = _race(root, 2, cfg)
+        assert len(won) == 1 and len(refused) == 1, f"{len(won)} holders at once"
+        assert f"is being written by pid {os.getpid()}" in refused[0], "the loser names the winner, not the stale one"
+        assert not storage.exists(url)
+        assert storage.file_sizes(root) == {}, "no takeover claim is left behind"
+    assert "taking over the stale lock of pid 1 on host elsewhere" in caplog.text
+
+
+def test_takeover_claim_of_a_dead_claimant_is_claimed_in_turn(caplog):
+    """A process that died between claiming a stale lock and replacing it leaves its claim; the
+    claim names it, so a live claimant refuses the next taker and a stale one is claimed over."""
+    cfg = StorageConfig(lock_heartbeat_s=3600, lock_stale_s=10_000)
+    root = f"memory://runs/{uuid.uuid4().hex}"
+    url = storage.join(root, LOCK)
+    storage.write_json(url, {"host": "elsewhere", "pid": 1, "token": "stale", "heartbeat_at": 0, "started_at": 0})
+    claimant = {"host": "claimant-host", "pid": 2, "token": "claimant", "heartbeat_at": time.time(), "started_at": 0}
+    storage.write_json(f"{url}.takeover-stale", claimant)
+    with pytest.raises(RunLockedError, match="being written by pid 2 on host claimant-host"):
+        with run_lock(root, cfg):
+            pytest.fail("took a lock that a live process is taking over")
+
+    storage.write_json(f"{url}.takeover-stale", {**claimant, "heartbeat_at": 0})
+    with run_lock(root, cfg):
+        assert storage.read_json(url)["pid"] == os.getpid()
+        assert sorted(storage.file_sizes(root)) == [LOCK], "the claims leave once the lock is taken"
+    assert "taking over the stale lock of pid 1 on host elsewhere" in caplog.text
+
+
+class NoExclusiveCreateFileSystem(MemoryFileSystem):
+    """Stand-in for a storage backend without an atomic create-if-absent (pyarrow's HDFS, FTP, ...):
+    fsspec's in-memory store under its own protocol, refusing the "xb" mode as pyarrow's does."""
+
+    protocol = "noxmemory"
+    store: dict = {}
+    pseudo_dirs = [""]
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(str(path).removeprefix("noxmemory://"))
+
+    def _open(self, path, mode="rb", **kwargs):
+        if "x" in mode:
+            raise ValueError(f"unsupported file mode for {type(self).__name__}: {mode!r}")
+        return super()._open(path, mode, **kwargs)
+
+
+def test_lock_without_exclusive_create_is_best_effort_and_says_so(caplog):
+    fsspec.register_implementation("noxmemory", NoExclusiveCreateFileSystem, clobber=True)
+    root = f"noxmemory://runs/{uuid.uuid4().hex}"
+    url = storage.join(root, LOCK)
+    assert not storage.has_exclusive_create(url)
+    cfg = StorageConfig(lock_heartbeat_s=3600, lock_stale_s=10_000)
+    with run_lock(root, cfg):
+        assert storage.read_json(url)["pid"] == os.getpid()
+        with pytest.raises(RunLockedError, match=f"being written by pid {os.getpid()}"):
+            with run_lock(root, cfg):
+                pytest.fail("two writers held one run folder")
+    assert not storage.exists(url)
+    assert "no atomic create-if-absent, so the run lock is best-effort" in caplog.text
+
+    storage.write_json(url, {"host": "elsewhere", "pid": 1, "token": "stale", "heartbeat_at": 0, "started_at": 0})
+    with run_lock(root, cfg):
+        assert storage.read_json(url)["pid"] == os.getpid()
+    assert "taking over the stale lock of pid 1 on host elsewhere" in caplog.text
+
+
+def test_unreadable_object_store_lock_and_claim_are_taken_over():
+    root = f"memory://runs/{uuid.uuid4().hex}"
+    url = storage.join(root, LOCK)
+    fs, path = storage.fs_for(url)
+    fs.pipe_file(path, b'{"host": ')  # a lock and a claim cut short: no holder can be read from them
+    fs.pipe_file(f"{path}.takeover-unreadable-0", b"")
+    with run_lock(root, StorageConfig(lock_heartbeat_s=3600, lock_stale_s=10_000)):
+        assert storage.read_json(url)["pid"] == os.getpid()
+        assert sorted(storage.file_sizes(root)) == [LOCK]

@@ -7,12 +7,16 @@ so the second is refused with the holder's host and pid.
   ``flock(2)`` on the file. The kernel drops it when the holder dies, however it dies, so a
   lock left by a killed process is stale by construction and is taken over (with a
   warning naming the dead holder); nothing depends on clocks or pids.
-* **Object stores** (s3://, gs://, memory://) have no locks. The nearest real thing is a
-  lock file with host, pid and a heartbeat that the holder rewrites every
-  ``storage.lock_heartbeat_s``: a lock whose heartbeat is older than ``storage.lock_stale_s``,
-  or whose holder is a dead pid on this host, is stale and taken over. Two processes that
-  start within the same moment can both win (a store without conditional writes cannot
-  prevent it); the one whose lock was overwritten logs an error at its next heartbeat.
+* **Object stores** (s3://, gs://, memory://) have no locks. The lock file holds host, pid
+  and a heartbeat that the holder rewrites every ``storage.lock_heartbeat_s``; a lock whose
+  heartbeat is older than ``storage.lock_stale_s``, or whose holder is a dead pid on this host,
+  is stale and taken over. Where the backend has an atomic create-if-absent
+  (:data:`tripost_ray.storage.EXCLUSIVE_CREATE`: s3fs on AWS S3, gcsfs, fsspec's memory://),
+  the lock file is created only if absent and a stale lock is replaced only by the one process
+  that first creates its takeover claim, so of any number of takers starting at once exactly
+  one holds the lock. On other backends the lock is read, checked and written (best-effort,
+  with a warning): two processes that start within the same moment can both win, and the one
+  whose lock was overwritten logs an error at its next heartbeat.
 """
 
 from __future__ import annotations
@@ -139,25 +143,75 @@ def _stale(holder: dict, cfg: StorageConfig, now: float) -> bool:
     return now - float(holder.get("heartbeat_at", 0)) > cfg.lock_stale_s
 
 
-@contextmanager
-def _store_lock(url: str, cfg: StorageConfig, clock: Callable[[], float]) -> Iterator[dict]:
+def _locked(root: str, holder: dict, cfg: StorageConfig, now: float) -> RunLockedError:
+    return RunLockedError(f"run folder {root} is being written by {_describe(holder)}, last heartbeat "
+                          f"{now - float(holder.get('heartbeat_at', 0)):.0f}s ago; wait for that run to finish "
+                          f"(a lock without heartbeat for {cfg.lock_stale_s:.0f}s is taken over), "
+                          "or use another run_name")
+
+
+def _take_exclusive(url: str, holder: dict, cfg: StorageConfig, clock: Callable[[], float]) -> None:
+    """Take the lock with the store's atomic create-if-absent, or raise :class:`RunLockedError`.
+
+    A stale lock is not deleted and re-created (a taker could delete the lock another had just
+    created). It is replaced by whoever first creates its claim, ``<lock>.takeover-<its token>``:
+    the claim holds the claimant's record, so a claimant that dies mid-takeover leaves a claim
+    that goes stale in turn and is claimed the same way (``<lock>.takeover-<claimant's token>``).
+    """
+    root = url.rsplit("/", 1)[0]
+    data = json.dumps(holder).encode()
+    while True:
+        if storage.create_exclusive(url, data):
+            return
+        stale = current = _read_store_lock(url)
+        claims: list[str] = []
+        while current is not None:
+            if not _stale(current, cfg, clock()):
+                raise _locked(root, current, cfg, clock())
+            # an unreadable record has no token: name its claim by its place, so the chain moves on
+            claims.append(f"{url}.takeover-{current.get('token', f'unreadable-{len(claims)}')}")
+            if storage.create_exclusive(claims[-1], data):
+                break
+            current = _read_store_lock(claims[-1])
+        else:
+            continue  # the lock or a claim went away meanwhile: look again
+        again = _read_store_lock(url)
+        if again is not None and again.get("token") == stale.get("token"):  # nobody replaced it first
+            storage.write_json(url, holder)
+            log.warning("run folder %s: taking over the stale lock of %s", root, _describe(stale))
+            for claim in claims:
+                storage.remove(claim)
+            return
+        storage.remove(claims[-1])  # a late claim on a lock already replaced: look again
+
+
+def _take_best_effort(url: str, holder: dict, cfg: StorageConfig, clock: Callable[[], float]) -> None:
+    """Read, check, write, read back: two takers at the same moment can both pass."""
     root = url.rsplit("/", 1)[0]
     previous = _read_store_lock(url)
     if previous is not None:
         if not _stale(previous, cfg, clock()):
-            raise RunLockedError(f"run folder {root} is being written by {_describe(previous)}, last heartbeat "
-                                 f"{clock() - float(previous.get('heartbeat_at', 0)):.0f}s ago; wait for that run "
-                                 f"to finish (a lock without heartbeat for {cfg.lock_stale_s:.0f}s is taken over), "
-                                 "or use another run_name")
+            raise _locked(root, previous, cfg, clock())
         log.warning("run folder %s: taking over the stale lock of %s", root, _describe(previous))
+    storage.write_json(url, holder)
+    if (_read_store_lock(url) or {}).get("token") != holder["token"]:
+        raise RunLockedError(f"run folder {root}: another process took the lock at the same moment")
+
+
+@contextmanager
+def _store_lock(url: str, cfg: StorageConfig, clock: Callable[[], float]) -> Iterator[dict]:
+    root = url.rsplit("/", 1)[0]
     holder = _holder()
     holder["started_at"] = holder["heartbeat_at"] = clock()
     try:
-        storage.write_json(url, holder)
+        if storage.has_exclusive_create(url):
+            _take_exclusive(url, holder, cfg, clock)
+        else:
+            log.warning("run folder %s: this storage backend has no atomic create-if-absent, so the run lock is "
+                        "best-effort: two runs started at the same moment can both take it", root)
+            _take_best_effort(url, holder, cfg, clock)
     except OSError as err:
         raise storage.StorageError(f"cannot write the run folder {root}: {err}") from None
-    if (_read_store_lock(url) or {}).get("token") != holder["token"]:
-        raise RunLockedError(f"run folder {root}: another process took the lock at the same moment")
     stop = threading.Event()
 
     def beat() -> None:

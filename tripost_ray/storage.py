@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,18 @@ from tripost_ray.config import ConfigError
 
 #: fsspec backends this project installs through an extra of its own (``pip install 'tripost-ray[s3]'``).
 BACKEND_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+
+#: Filesystems whose create-if-absent (``pipe_file(..., mode="create")``) is one atomic step at
+#: the store: s3fs sends a PUT with ``If-None-Match: *`` (AWS S3, and S3-compatible stores that
+#: honour it), gcsfs an upload with ``ifGenerationMatch=0`` (marked experimental by gcsfs), and
+#: fsspec's in-memory store checks and sets under :data:`_CREATE`. Other backends cannot be
+#: trusted with it: fsspec's fallback checks, then writes; some refuse the ``"xb"`` mode
+#: (ValueError for pyarrow's, NotImplementedError for HTTP) and some take it and overwrite.
+EXCLUSIVE_CREATE = frozenset({"s3fs.core.S3FileSystem", "gcsfs.core.GCSFileSystem",
+                              "fsspec.implementations.memory.MemoryFileSystem"})
+#: The in-memory store's create is a check, then a set, which two threads can both pass; one
+#: process's creates go one at a time (rare, cheap calls, so the other backends lose nothing).
+_CREATE = threading.Lock()
 
 
 class StorageError(ConfigError):
@@ -79,6 +92,28 @@ def remove(url: str) -> None:
         fs.rm(path, recursive=True)
 
 
+def has_exclusive_create(url: str) -> bool:
+    """Whether :func:`create_exclusive` works on ``url``'s backend (see :data:`EXCLUSIVE_CREATE`)."""
+    fs, _ = fs_for(url)
+    return f"{type(fs).__module__}.{type(fs).__qualname__}" in EXCLUSIVE_CREATE
+
+
+def create_exclusive(url: str, data: bytes) -> bool:
+    """Create ``url`` holding ``data`` if no file is there, in one atomic step: of several
+    processes creating the same file at once exactly one gets True, the others False.
+    Raises ``NotImplementedError`` on a backend without it (:func:`has_exclusive_create`)."""
+    if not has_exclusive_create(url):
+        raise NotImplementedError(f"{url}: this storage backend has no atomic create-if-absent")
+    fs, path = fs_for(url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    try:
+        with _CREATE:
+            fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    return True
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write to a temporary name beside ``url``, then rename: readers never see half a file."""
     fs, path = fs_for(url)
@@ -101,8 +136,7 @@ def write_json(url: str, data: Any) -> None:
 def read_json(url: str) -> Any:
     """Parse a JSON file; a damaged one is a :class:`DamagedFileError` naming it."""
     fs, path = fs_for(url)
-    with fs.open(path, "rb") as f:
-        data = f.read()
+    data = fs.cat_file(path)  # not open().read(): the in-memory store hands every reader one shared file position
     try:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
