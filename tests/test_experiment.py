@@ -25,7 +25,7 @@ REDUCED = {
     # model's output is all unparsable and gives editing nothing to do
     "sft.n_examples": 32, "sft.epochs": 1, "sft.learning_rate": 1e-5,
     "rollout.min_actors": 1, "rollout.max_actors": 1, "rollout.batch_size": 16, "rollout.max_new_tokens": 200,
-    "eval.batch_size": 16, "eval.max_new_tokens": 200, "eval.self_improve_rounds": 1,
+    "eval.batch_size": 16, "eval.max_new_tokens": 200, "eval.self_improve_rounds": 1, "eval.verification_per_split": 0,
     "train.epochs": 1, "train.micro_batch_size": 8, "train.cpus_per_worker": 0.5,
     "postprocess.min_new_examples": 1, "progress": "lines", "ray.include_dashboard": False,
 }

@@ -81,6 +81,8 @@ def test_reduced_quickstart_end_to_end_then_resumes_without_work(sft_model_dir, 
     for it in iterations.values():
         acc = it["metrics"]["accuracy"]
         assert 0.0 <= acc["total"] <= 1.0 and acc["seen"] is not None and acc["unseen"] is not None
+        probe = it["metrics"]["verification"]  # the verification probe runs in every evaluation
+        assert set(probe) == {"seen", "unseen"} and all(probe[s]["gold"]["n"] > 0 for s in probe)
     first = iterations[1]
     # FBK/IMP went over HTTP through the openai SDK to the job's own teacher
     assert first["llm"]["http_requests"] > 0
@@ -233,7 +235,8 @@ def test_the_budget_is_the_jobs_across_iterations_and_resumes_and_the_cache_goes
     budget = {"editing.max_usd": max_usd, "editing.prices": "{tripost-teacher: {output_per_mtok: 25.0}}",
               "feedback.max_tokens": 400, "improve.max_tokens": 400, "editing.num_actors": 1,
               "editing.concurrency_per_actor": 1, "editing.cache_uri": str(cache), "task.n_train": 16,
-              "task.n_test_seen": 4, "task.n_test_unseen": 4, "eval.initial": False, "eval.self_improve_rounds": 0}
+              "task.n_test_seen": 4, "task.n_test_unseen": 4, "eval.initial": False, "eval.self_improve_rounds": 0,
+              "eval.verification_per_split": 0}
     reservation = 400 * 25.0 / 1e6
     run_job(load_config(QUICKSTART, _overrides(sft_model_dir, tmp_path, "budget", serve_port, iterations=1, **budget)))
     run = tmp_path / "budget"
@@ -305,7 +308,8 @@ def test_the_cpu_job_of_each_multiple_choice_task_runs_end_to_end(task_sft_model
     job = ROOT / "jobs" / f"quickstart_{task_name}.yaml"
     small = {"iterations": 1, "task.n_train": 24, "task.n_test_seen": 6, "task.n_test_unseen": 6,
              "rollout.max_new_tokens": 160, "eval.max_new_tokens": 160, "rollout.self_improve_rounds": 1,
-             "eval.self_improve_rounds": 1, "eval.initial": False, **MULTIPLE_CHOICE[task_name][0]}
+             "eval.self_improve_rounds": 1, "eval.initial": False, "eval.verification_per_split": 0,
+             **MULTIPLE_CHOICE[task_name][0]}
     summary = run_job(load_config(job, _overrides(model, tmp_path, task_name, serve_port, **small)))
     run = tmp_path / task_name
 
@@ -336,13 +340,21 @@ def _finish(proc: subprocess.Popen, log: Path) -> None:
     assert proc.wait(timeout=900) == 0, log.read_text()[-5000:]
 
 
-def test_driver_killed_during_editing_resumes_without_repeating_llm_calls(sft_model_dir, tmp_path, serve_port):
+def test_driver_killed_during_editing_resumes_without_repeating_llm_calls(sft_model_dir, e2e_run, tmp_path, serve_port):
+    """The reference is the module's uninterrupted run: its first iteration's rollouts and
+    editing are these settings' too (latency, concurrency, evaluation and tracking change how
+    and where it runs, not what it computes)."""
     import ray
 
     address = ray.get_runtime_context().gcs_address
     port = serve_port
-    # slow teacher, low concurrency: editing lasts long enough to be interrupted
-    slow = {"iterations": 1, "teacher.latency_s": 0.15, "editing.concurrency_per_actor": 2, "eval.self_improve_rounds": 0}
+    # slow teacher, low concurrency: editing lasts long enough to be interrupted; the
+    # tracking server is unreachable, which must cost a warning, not the job
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    slow = {"iterations": 1, "teacher.latency_s": 0.15, "editing.concurrency_per_actor": 2, "eval.initial": False,
+            "eval.self_improve_rounds": 0, "eval.verification_per_split": 0, "tracking.tracking_uri": dead}
     logs = tmp_path / "logs"
     logs.mkdir()
     killed = _driver(_overrides(sft_model_dir, tmp_path, "resumed", port, **slow), address, logs / "killed.log")
@@ -360,21 +372,15 @@ def test_driver_killed_during_editing_resumes_without_repeating_llm_calls(sft_mo
     _finish(_driver(_overrides(sft_model_dir, tmp_path, "resumed", port, **slow), address, logs / "resumed.log"),
             logs / "resumed.log")
     editing = json.loads((run / "iter_1/pass_0/editing/_MANIFEST.json").read_text())["summary"]
-
-    # the reference run also shows that an unreachable tracking server costs a warning, not the job
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
-    reference = _overrides(sft_model_dir, tmp_path, "reference", port, **slow, **{"tracking.tracking_uri": dead})
-    _finish(_driver(reference, address, logs / "reference.log"), logs / "reference.log")
-    assert "MLflow tracking (start) failed, the run goes on without it" in (logs / "reference.log").read_text()
-    full = json.loads((tmp_path / "reference/iter_1/pass_0/editing/_MANIFEST.json").read_text())["summary"]
+    assert "MLflow tracking (start) failed, the run goes on without it" in (logs / "resumed.log").read_text()
+    reference = e2e_run[0]
+    full = json.loads((reference / "iter_1/pass_0/editing/_MANIFEST.json").read_text())["summary"]
 
     # the re-run paid only for what the killed run had not: cached calls were free
     assert editing["cache_hits"] >= paid_before_kill > 0
     assert editing["http_requests"] + paid_before_kill == full["http_requests"]
     # and it produced exactly what an uninterrupted run produces
     as_dicts = lambda p: sorted(json.dumps(t.to_dict(), sort_keys=True) for t in read_trajectories(str(p)))
-    assert as_dicts(run / "iter_1/pass_0/editing") == as_dicts(tmp_path / "reference/iter_1/pass_0/editing")
+    assert as_dicts(run / "iter_1/pass_0/editing") == as_dicts(reference / "iter_1/pass_0/editing")
     rows = lambda p: storage.read_table(str(p / "iter_1/postprocess/train.parquet"))
-    assert rows(run) == rows(tmp_path / "reference")
+    assert rows(run) == rows(reference)

@@ -48,6 +48,12 @@ REDUCED = [
     "train.epochs=1",
     "postprocess.min_new_examples=0",
     "progress=lines",
+    # the job's model is barely trained and writes to its token limit: short attempts, one
+    # evaluation round and no verification probe keep the submitted job to what this tests
+    "rollout.max_new_tokens=64",
+    "eval.max_new_tokens=64",
+    "eval.self_improve_rounds=0",
+    "eval.verification_per_split=0",
 ]
 
 
