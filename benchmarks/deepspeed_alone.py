@@ -121,16 +121,20 @@ def measure(args: argparse.Namespace) -> str:
 
 
 def measure_in_ray(args: argparse.Namespace) -> str:
+    sys.path.insert(0, str(ROOT))
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from tripost_ray.config import RayConfig
+    from tripost_ray.ray_setup import init_ray
 
     work = Path(tempfile.mkdtemp(prefix="tripost-ds-in-ray-"))
 
     def worker(config: dict) -> None:
         (work / "line.txt").write_text(measure(config["args"]))
 
-    ray.init(num_cpus=args.threads + 1, include_dashboard=False, log_to_driver=False)
+    init_ray(RayConfig(num_cpus=args.threads + 1, log_to_driver=False))
     TorchTrainer(worker, train_loop_config={"args": args},
                  scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": args.threads}),
                  run_config=RunConfig(storage_path=str(work / "runs"), name="ds-in-ray")).fit()

@@ -92,13 +92,15 @@ def main() -> int:
 
     import openai
 
+    from tripost_ray.config import RayConfig
     from tripost_ray.feedback.synthetic import corrupted_rollouts
+    from tripost_ray.ray_setup import init_ray
     from tripost_ray.serve.teacher import start_teacher
     from tripost_ray.tasks import get_task
 
     os.environ[KEY_ENV] = "bench-key"
     start = time.time()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    init_ray(RayConfig(num_cpus=4, log_to_driver=False))
     task = get_task("multistep_arithmetic")
     L = args.latency
     slow = start_teacher("multistep_arithmetic", name="bench-slow", route_prefix="/bench-slow",

@@ -115,7 +115,7 @@ def main() -> int:
             assert info["cuda_available"], "torch sees no CUDA device"
         return {}
 
-    from tripost_ray.config import RolloutConfig, TinyModelConfig, TrainConfig
+    from tripost_ray.config import RayConfig, RolloutConfig, TinyModelConfig, TrainConfig
     from tripost_ray.models import build_tiny_model, load_model_and_tokenizer
     from tripost_ray.tasks.datasets import gold_sft_examples
     from tripost_ray.tasks import get_task
@@ -148,11 +148,10 @@ def main() -> int:
 
     # ------------------------------------------------------------------ c. rollouts
     import ray
-    from ray.data import DataContext
 
-    ray.init(num_cpus=args.num_cpus, num_gpus=1 if gpu else 0, include_dashboard=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    DataContext.get_current().enable_progress_bars = False
+    from tripost_ray.ray_setup import init_ray
+
+    init_ray(RayConfig(num_cpus=args.num_cpus, num_gpus=1 if gpu else 0))
     log(f"ray cluster resources: {ray.cluster_resources()}")
 
     def rollout_check(engine: str) -> dict:

@@ -186,14 +186,14 @@ def rates(run: dict, n_gpus: int) -> dict:
 def _ray_runs(args, model_dir: str, rounds: list, n_gpus: int, tmp: str, results: dict) -> float:
     """Start Ray (timed apart) and run the stage with each engine and actor count, each round."""
     import ray
-    from ray.data import DataContext
+    import ray.data  # imported before the clock starts: ray_init_s times Ray's start, not an import
+
+    from tripost_ray.config import RayConfig
+    from tripost_ray.ray_setup import init_ray
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=args.cores, num_gpus=n_gpus or None, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    init_ray(RayConfig(num_cpus=args.cores, num_gpus=n_gpus or None, log_to_driver=False))
     ray_init_s = time.perf_counter() - t0
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
     try:
         for engine in args.engines:
             for actors in args.actors:

@@ -127,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    from tripost_ray.config import TinyModelConfig, TrainConfig
+    from tripost_ray.config import RayConfig, TinyModelConfig, TrainConfig
     from tripost_ray.models import build_tiny_model
+    from tripost_ray.ray_setup import init_ray
     from tripost_ray.training import train
     from tripost_ray.training.dataset import BatchGeometry, steps_per_epoch
 
@@ -167,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     plains = [run_plain("plain_0")]
     results = []
     # logical CPUs: workers claim `cores`, and Ray Data's small read tasks still get a slot
-    ray.init(num_cpus=cores + 2, include_dashboard=False, log_to_driver=args.verbose)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_ray(RayConfig(num_cpus=cores + 2, log_to_driver=args.verbose))
     for rep, (workers, zero) in ((r, c) for r in range(args.repeats) for c in configs):
         spec = f"{workers}x{zero}-{rep}"
         cfg = cfg_for(workers, zero)

@@ -91,6 +91,7 @@ def _error(overrides: list[str], data: dict | None = None) -> str:
         ("train.warmup_ratio=1.5", "train.warmup_ratio", "less than or equal to 1"),
         ("rollout.top_p=0", "rollout.top_p", "greater than 0"),
         ("task.n_train=0", "task.n_train", "greater than or equal to 1"),
+        ("ray.num_gpus=-1", "ray.num_gpus", "greater than or equal to 0"),
         ("rollout.batch_size=many", "rollout.batch_size", "valid integer"),
         ("run_name=has space", "run_name", "pattern"),
         ("task.name=chess", "task", "allowed: ['date_understanding', 'logical_deduction', 'multistep_arithmetic', 'word_sorting']"),

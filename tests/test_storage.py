@@ -1,5 +1,6 @@
-"""``storage.local_copy_dir``: the one way a remote model folder reaches local disk
-(the pipeline's tokenizer and the training workers use it)."""
+"""``storage.local_copy_dir`` and the ``storage.download_dir`` under it: the one way a remote
+model folder reaches local disk (the pipeline's tokenizer and the training workers use the
+temporary copy; ``models.resolve_model_source``'s cached copy is tested in test_models.py)."""
 
 from __future__ import annotations
 

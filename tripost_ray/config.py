@@ -403,7 +403,14 @@ class RayConfig(Section):
 
     address: str | None = Field(None, description="None/'local': start a local Ray; 'auto' or ray://... to join one.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (None: all).")
+    num_gpus: int | None = Field(
+        None, ge=0, description="GPUs of a local Ray (None: all it detects; 0: none, e.g. to keep a GPU free)."
+    )
     include_dashboard: bool = False
+    log_to_driver: bool | None = Field(
+        None, description="Stream the workers' stdout/stderr to the driver (False: only into Ray's log files; "
+        "None: Ray's default, on unless RAY_LOG_TO_DRIVER=0)."
+    )
     no_progress_timeout_s: float | None = Field(
         None, gt=0, description="Fail a Ray Data stage that makes no progress for this long."
     )

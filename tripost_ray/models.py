@@ -213,24 +213,19 @@ def _cache_key(url: str) -> str:
 
 
 def _copy_from_url(url: str, cache_dir: str) -> str:
-    """Copy a model folder at an fsspec URL into ``cache_dir/<hash of url>`` (once)."""
-    from fsspec.core import url_to_fs
+    """Copy a model folder at an fsspec URL into ``cache_dir/<hash of url>`` (once): a
+    :func:`storage.download_dir` into a temporary folder, renamed into place when complete."""
+    from tripost_ray import storage
 
     cache_root = Path(cache_dir).expanduser().resolve()
     target = cache_root / _cache_key(url)
     if (target / _COMPLETE_MARKER).exists():
         return str(target)
     check_model_source(url)
-    fs, remote = url_to_fs(url)
-    remote = remote.rstrip("/")
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-{uuid.uuid4().hex[:6]}-", dir=cache_root))
     try:
-        for remote_file in fs.find(remote):
-            rel = remote_file[len(remote):].lstrip("/")
-            local = tmp / rel
-            local.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(remote_file, str(local))
+        storage.download_dir(url, str(tmp))
         (tmp / _COMPLETE_MARKER).write_text(url)
         if target.exists():  # a concurrent copy finished first, or a stale partial one
             shutil.rmtree(target, ignore_errors=True)

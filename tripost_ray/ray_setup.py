@@ -1,7 +1,8 @@
 """Joining or starting Ray: the one place the package calls ``ray.init``.
 
-Entry points (``tripost run``, ``experiment``, ``eval``, ``serve``) call :func:`init_ray`
-with the job's ``ray`` section; library functions that need Ray (the trainer, the teacher)
+Entry points (``tripost run``, ``experiment``, ``eval``, ``serve``, and the benchmark
+scripts) call :func:`init_ray` with a :class:`~tripost_ray.config.RayConfig` (a job's ``ray``
+section); library functions that need Ray (the trainer, the teacher)
 call it without one, which uses a running Ray as it is and otherwise starts a local Ray
 with the defaults. Stages that are only ever run by an entry point (rollouts, editing)
 require a running Ray instead of starting one behind the caller's back.
@@ -15,7 +16,8 @@ from tripost_ray.config import RayConfig
 
 
 def init_ray(cfg: RayConfig | None = None) -> None:
-    """Join the configured cluster, or start a local Ray sized by ``cfg.num_cpus``.
+    """Join the configured cluster, or start a local Ray sized by ``cfg.num_cpus`` and
+    ``cfg.num_gpus``.
 
     Inside ``ray job submit`` (``RAY_ADDRESS`` set) the job joins its cluster and never
     resizes it. Ray Data's no-progress timeout follows the config; its progress bars are
@@ -35,9 +37,10 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not ray.is_initialized():
         if cfg.address in (None, "local") and not os.environ.get("RAY_ADDRESS"):
-            ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard)
+            ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=cfg.include_dashboard,
+                     log_to_driver=cfg.log_to_driver)
         else:
-            ray.init(address=None if cfg.address in (None, "local") else cfg.address)
+            ray.init(address=None if cfg.address in (None, "local") else cfg.address, log_to_driver=cfg.log_to_driver)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     if cfg.no_progress_timeout_s:

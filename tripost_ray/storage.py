@@ -225,8 +225,23 @@ def local_copy_dir(url: str, what: str = "folder") -> Iterator[str]:
         yield local_path(url)
         return
     with tempfile.TemporaryDirectory(prefix="tripost-") as tmp:
-        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+        download_dir(url, tmp)
         yield tmp
+
+
+def download_dir(url: str, dest: str) -> None:
+    """Copy every file under the folder at ``url`` into the local folder ``dest``, at the
+    same relative paths: the one copy of a remote model folder to local disk, behind both
+    :func:`local_copy_dir` (a temporary copy) and ``models.resolve_model_source`` (a cached
+    one). One ``get`` of explicit file lists: the same result on every fsspec backend, and
+    concurrent on the async ones (S3, GCS)."""
+    fs, path = fs_for(url)
+    root = path.rstrip("/")
+    remote = sorted(fs.find(root))
+    local = [os.path.join(dest, r[len(root):].lstrip("/")) for r in remote]
+    for file in local:
+        os.makedirs(os.path.dirname(file), exist_ok=True)
+    fs.get(remote, local)
 
 
 def is_local(url: str) -> bool:
