@@ -83,10 +83,9 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import ray
-    from ray.data import DataContext
-
     from rollout import machine_info, ray_stage, versions
-    from tripost_ray.config import TinyModelConfig
+    from tripost_ray.config import RayConfig, TinyModelConfig
+    from tripost_ray.ray_setup import init_ray
     from tripost_ray.models import build_tiny_model
     from tripost_ray.tasks import get_task
 
@@ -100,9 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
             corpus = [task.prompt(q) for q in corpus_ps + problems] + [task.gold_rationale(q) for q in corpus_ps]
             model_dir = build_tiny_model(TinyModelConfig(hidden_size=128, num_layers=2, num_heads=4,
                                                          intermediate_size=512), corpus, os.path.join(tmp, "model"))
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-        DataContext.get_current().enable_progress_bars = False
+        init_ray(RayConfig(num_cpus=os.cpu_count(), log_to_driver=False))
         try:
             print(f"(a) Ray Data stage, vllm, {args.actors} actor(s) x 1 thread ...", flush=True)
             stage = ray_stage("vllm", model_dir, problems, args, args.actors, 1, 0.0, os.path.join(tmp, "stage"))

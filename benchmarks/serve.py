@@ -90,7 +90,8 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from tripost_ray.config import build_config
+    from tripost_ray.config import RayConfig, build_config
+    from tripost_ray.ray_setup import init_ray
     from tripost_ray.serve.common import openai_base_url
     from tripost_ray.serve.model import start_model_server
 
@@ -110,12 +111,12 @@ def main() -> int:
             from tripost_ray.tasks import get_task
 
             questions = [p.question for p in get_task(TASK, **EASY_ARITHMETIC).generate(24, "test_seen", seed=1)]
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         cfg = build_config({
             "task": {"name": TASK, "difficulty": EASY_ARITHMETIC},
             "eval": {"self_improve_rounds": args.rounds, "max_new_tokens": args.max_tokens},
             "serve": {"engine": args.engine, "max_batch_size": args.clients, "batch_wait_timeout_s": 0.05},
         })
+        init_ray(RayConfig(num_cpus=4, log_to_driver=False))
         t0 = time.perf_counter()
         base_url = openai_base_url(start_model_server(model, cfg, name="bench-model", route_prefix="/bench-model"))
         start_s = time.perf_counter() - t0
