@@ -348,7 +348,6 @@ class ServeConfig(Section):
     engine: Literal["auto", "hf", "vllm"] = Field(
         "auto", description="auto: vllm where it is installed, else hf. A server starts its engine once, so "
         "vLLM's start-up (the reason the quickstart's short stages keep hf) is paid once for every request.")
-
     host: str = Field("127.0.0.1", description="Bind address; loopback unless told otherwise (then a key is needed).")
     port: int = Field(8124, ge=1, le=65535)
     model_name: str = Field("tripost-model", min_length=1, description="The model name requests must send.")
