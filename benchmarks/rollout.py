@@ -209,13 +209,18 @@ def _ray_runs(args, model_dir: str, rounds: list, n_gpus: int, tmp: str, results
     return ray_init_s
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_workload_arguments(p: argparse.ArgumentParser) -> None:
+    """The rollout workload both rollout benchmarks measure (problems, batch, tokens, sampling)."""
     p.add_argument("--problems", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_workload_arguments(p)
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="cores given to every variant")

@@ -70,12 +70,10 @@ def ray_data_llm(model_dir: str, problems, task, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from rollout import add_workload_arguments, machine_info, ray_stage, versions
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--problems", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    add_workload_arguments(p)
     p.add_argument("--actors", type=int, default=2, help="vLLM engines in each variant, one core each")
     p.add_argument("--model", default=None, help="an existing model folder (default: build rollout.py's tiny one)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rollout_ray_data_llm.json"))
@@ -83,7 +81,6 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import ray
-    from rollout import machine_info, ray_stage, versions
     from tripost_ray.config import RayConfig, TinyModelConfig
     from tripost_ray.ray_setup import init_ray
     from tripost_ray.models import build_tiny_model
