@@ -128,8 +128,8 @@ def test_reduced_quickstart_end_to_end_then_resumes_without_work(sft_model_dir, 
 
 
 def test_the_model_server_serves_the_runs_last_model_end_to_end(e2e_run, serve_port):
-    """``tripost serve model <run folder>`` on the reduced quickstart's run, with the run's own
-    config: the app loads iteration 2's model and answers through the openai SDK, whole and
+    """``tripost serve model <run folder>`` on the reduced quickstart's run: with the run's own
+    config, the app loads iteration 2's model and answers through the openai SDK, whole and
     streamed, exactly as self-improving inference on that model does here."""
     import openai
     from ray import serve
@@ -138,11 +138,12 @@ def test_the_model_server_serves_the_runs_last_model_end_to_end(e2e_run, serve_p
     from tripost_ray.inference import self_improving_inference
     from tripost_ray.models import load_model_and_tokenizer
     from tripost_ray.serve.common import openai_base_url
-    from tripost_ray.serve.model import question_problem, served_model_source, start_model_server
+    from tripost_ray.serve.model import question_problem, serve_config, served_model_source, start_model_server
     from tripost_ray.tasks import get_task
 
     run, _ = e2e_run
-    cfg = load_config(run / "config.yaml")
+    cfg = serve_config(str(run), None, [])  # what `tripost serve model <run folder>` serves with
+    assert cfg == load_config(run / "config.yaml")
     assert served_model_source(str(run)) == str(run / "iter_2/train/model")
     task = get_task(cfg.task.name, **cfg.task.difficulty)
     asked = [question_problem(p.question) for p in task.generate(3, "test_seen", seed=1)]

@@ -23,7 +23,7 @@ from tripost_ray.generation import HFGenerationEngine
 from tripost_ray.inference import InferenceResult, self_improving_inference
 from tripost_ray.models import load_model_and_tokenizer
 from tripost_ray.serve.common import openai_base_url
-from tripost_ray.serve.model import question_problem, replicas, served_model_source, start_model_server
+from tripost_ray.serve.model import question_problem, replicas, serve_config, served_model_source, start_model_server
 from tripost_ray.stages import Run
 from tripost_ray.tasks import get_task
 
@@ -299,13 +299,34 @@ def _serve_cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+def test_a_run_folder_is_served_with_its_own_config(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(build_config({"task": {"name": "word_sorting"},
+                                                   "eval": {"max_new_tokens": 77}}).to_yaml())
+    cfg = serve_config(str(run), None, ["serve.port=9000"])
+    assert (cfg.task.name, cfg.eval.max_new_tokens, cfg.serve.port) == ("word_sorting", 77, 9000)
+    assert serve_config(str(run), TASK, []).task.name == TASK  # --task wins
+    model = tmp_path / "model"  # a model folder (what tells it from a run): the defaults, and --task is needed
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    model = str(model)
+    assert serve_config(model, TASK, []).eval.max_new_tokens == build_config({}).eval.max_new_tokens
+    with pytest.raises(ConfigError, match="--task is required"):
+        serve_config(model, None, [])
+    (run / "config.yaml").write_text("- a list\n")
+    with pytest.raises(ConfigError, match="a job config must be a mapping"):
+        serve_config(str(run), None, [])
+
+
 @pytest.mark.parametrize("args,reason", [
     (["{model}", "--task", TASK, "--host", "0.0.0.0"], "host '0.0.0.0' is reachable from other machines"),
+    (["{model}"], "--task is required"),
     (["{tmp}", "--task", TASK], "is neither a model folder"),
     (["{model}", "--task", "nosuchtask"], "unknown task 'nosuchtask'"),
     (["{model}", "--task", TASK, "-o", "serve.min_replicas=3", "-o", "serve.max_replicas=2"],
      "min_replicas (3) must be <= max_replicas (2)"),
-], ids=["open-host-without-key", "not-a-model", "unknown-task", "replica-bounds"])
+], ids=["open-host-without-key", "no-task-for-a-model-folder", "not-a-model", "unknown-task", "replica-bounds"])
 def test_the_command_refuses_before_ray_starts(tmp_path, feedback_model_dir, args, reason):
     done = _serve_cli(*[a.format(model=feedback_model_dir[0], tmp=tmp_path) for a in args])
     assert done.returncode == 2 and reason in done.stderr, done.stderr[-2000:]

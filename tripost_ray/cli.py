@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "self-improving inference")
     served.add_argument("model", metavar="MODEL_OR_RUN",
                         help="model folder, fsspec URL, or run folder (serves its last trained model)")
-    served.add_argument("--task", required=True)
+    served.add_argument("--task", default=None,
+                        help="the task the model answers (default for a run folder: its config's; then the "
+                        "run's config.yaml is the base config too)")
     served.add_argument("--host", default=None, help=f"bind address (default serve.host: {ServeConfig().host})")
     served.add_argument("--port", type=int, default=None, help=f"port (default serve.port: {ServeConfig().port})")
     served.add_argument("--api-key-env", default=None, help="require this env var's value as bearer key")
@@ -215,15 +217,14 @@ def cmd_serve(args) -> int:
 
 
 def cmd_serve_model(args) -> int:
-    """``tripost serve model MODEL_OR_RUN --task NAME [--host H] [--port P] [--api-key-env V] [-o k=v]``."""
-    from tripost_ray.config import load_config
+    """``tripost serve model MODEL_OR_RUN [--task NAME] [--host H] [--port P] [--api-key-env V] [-o k=v]``."""
     from tripost_ray.preflight import check_engine
     from tripost_ray.ray_setup import init_ray
     from tripost_ray.serve.common import check_open_host, check_port_free, openai_base_url
-    from tripost_ray.serve.model import served_engine, served_model_source, start_model_server
+    from tripost_ray.serve.model import serve_config, served_engine, served_model_source, start_model_server
 
     api_key = _serve_key(args)
-    cfg = load_config(None, list(args.override) + [f"task.name={args.task}"])
+    cfg = serve_config(args.model, args.task, args.override)
     host, port = args.host or cfg.serve.host, args.port or cfg.serve.port
     check_open_host(host, api_key)
     check_engine(cfg.serve.engine, "serve.engine")

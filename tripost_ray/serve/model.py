@@ -348,6 +348,32 @@ def served_model_source(source: str) -> str:
     return max(trained, key=lambda m: m.get("started_at", 0.0))["model"]
 
 
+def serve_config(source: str, task: Optional[str], overrides: list[str]) -> JobConfig:
+    """The config ``source`` is served with: a run folder's own ``config.yaml`` (its task, task
+    difficulty, decoding and load settings), else the defaults; then ``task`` when given, and
+    ``overrides``. Raises :class:`ServeError` when neither names a task."""
+    import yaml
+
+    from tripost_ray import storage
+    from tripost_ray.config import build_config
+
+    source = storage.normalize(source)
+    run_config = storage.join(source, "config.yaml")
+    data: dict[str, Any] = {}
+    if not storage.exists(storage.join(source, "config.json")) and storage.exists(run_config):
+        fs, path = storage.fs_for(run_config)
+        try:
+            data = yaml.safe_load(fs.cat_file(path)) or {}
+        except yaml.YAMLError as err:
+            raise ServeError(f"{run_config} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ServeError(f"{run_config}: a job config must be a mapping, got {type(data).__name__}")
+    elif task is None:
+        raise ServeError(f"--task is required for {source}: it is not a run folder (a run's config.yaml names "
+                         "its task)")
+    return build_config(data, list(overrides) + ([f"task.name={task}"] if task else []))
+
+
 def served_engine(cfg: JobConfig) -> Literal["hf", "vllm"]:
     """The engine ``serve.engine`` names; ``auto`` is vLLM where it is installed, else HF."""
     from tripost_ray.vllm_engine import vllm_installed
