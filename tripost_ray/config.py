@@ -587,6 +587,18 @@ def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None
         raise ConfigError(_format_validation_error(err)) from None
 
 
+def parse_config_yaml(text: str | bytes, where: str) -> dict[str, Any]:
+    """A job config's YAML text as a mapping (empty text: no settings); ``where`` names its
+    file in the error."""
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where} is not valid YAML: {err}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{where}: a job config must be a mapping, got {type(loaded).__name__}")
+    return loaded or {}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
     """Load a job YAML (or the defaults when ``path`` is None) and apply overrides."""
     data: dict[str, Any] = {}
@@ -595,12 +607,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.exists():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{p} is not valid YAML: {err}") from None
+            text = p.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:  # a directory, no permission, not text
             raise ConfigError(f"cannot read config file {p}: {err}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: a job config must be a mapping, got {type(loaded).__name__}")
-        data = loaded or {}
+        data = parse_config_yaml(text, str(p))
     return build_config(data, overrides)

@@ -351,23 +351,17 @@ def served_model_source(source: str) -> str:
 def serve_config(source: str, task: Optional[str], overrides: list[str]) -> JobConfig:
     """The config ``source`` is served with: a run folder's own ``config.yaml`` (its task, task
     difficulty, decoding and load settings), else the defaults; then ``task`` when given, and
-    ``overrides``. Raises :class:`ServeError` when neither names a task."""
-    import yaml
-
+    ``overrides``. Raises :class:`ServeError` when neither names a task, a ConfigError for a
+    damaged ``config.yaml``."""
     from tripost_ray import storage
-    from tripost_ray.config import build_config
+    from tripost_ray.config import build_config, parse_config_yaml
 
     source = storage.normalize(source)
     run_config = storage.join(source, "config.yaml")
     data: dict[str, Any] = {}
     if not storage.exists(storage.join(source, "config.json")) and storage.exists(run_config):
         fs, path = storage.fs_for(run_config)
-        try:
-            data = yaml.safe_load(fs.cat_file(path)) or {}
-        except yaml.YAMLError as err:
-            raise ServeError(f"{run_config} is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ServeError(f"{run_config}: a job config must be a mapping, got {type(data).__name__}")
+        data = parse_config_yaml(fs.cat_file(path), run_config)
     elif task is None:
         raise ServeError(f"--task is required for {source}: it is not a run folder (a run's config.yaml names "
                          "its task)")
