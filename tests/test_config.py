@@ -181,3 +181,29 @@ def test_progress_is_in_no_stage_hash_and_the_replaced_fields_say_what_replaces_
     for old in ("editing.progress=false", "ray.data_progress_bars=false"):
         with pytest.raises(ConfigError, match=re.escape(old.split("=")[0]) + r": replaced by progress \(top level\)"):
             build_config({}, [old])
+
+
+def test_experiment_variants_apply_their_overrides_and_nothing_else():
+    cfg = build_config(None, ["experiment.variants={w1: {postprocess.feedback_weight: 1.0}, "
+                              "no_wrong: {postprocess.first_attempt_weight: 0, train.learning_rate: 0.001}}"])
+    assert cfg.variant("w1").postprocess.feedback_weight == 1.0
+    no_wrong = cfg.variant("no_wrong")
+    assert (no_wrong.postprocess.first_attempt_weight, no_wrong.train.learning_rate) == (0.0, 0.001)
+    assert no_wrong.experiment.variants == {}
+    untouched = lambda c: c.model_dump(exclude={"postprocess", "train", "experiment"})  # noqa: E731
+    assert untouched(no_wrong) == untouched(cfg)
+
+
+@pytest.mark.parametrize(
+    "variants, words",
+    [
+        ("{w1: {postprocess.feedbak_weight: 1.0}}", "experiment.variants.w1: postprocess.feedbak_weight: Extra inputs"),
+        ("{w1: {postprocess.feedback_weight: -1}}", "experiment.variants.w1: postprocess.feedback_weight: Input should be greater"),
+        ("{w1: {sft.epochs: 1}}", "'sft.epochs' is not a setting a variant may change; allowed: rollout, feedback"),
+        ("{w1: {task.n_train: 5}}", "the SFT model and the evaluation"),
+        ("{'a b': {train.seed: 1}}", "variant name 'a b': use letters, digits and '_'"),
+        ("{w1: {}}", "variant 'w1' overrides nothing"),
+    ],
+)
+def test_bad_experiment_variants_are_refused_naming_the_variant(variants, words):
+    assert words in _error([f"experiment.variants={variants}"])

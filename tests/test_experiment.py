@@ -1,5 +1,6 @@
-"""The experiment of jobs/reproduce_cpu.yaml, shrunk: shared SFT, TriPosT and the
-equal-token gold-SFT baseline over two seeds, aggregated; then a rerun that does no work.
+"""The experiment of jobs/reproduce_cpu.yaml, shrunk: shared SFT, TriPosT, one ablation
+variant and the equal-token gold-SFT baseline over two seeds, aggregated; then a rerun
+that does no work.
 
 Everything is real (Ray Data rollouts, the editing pool with the scripted teacher,
 DeepSpeed ZeRO-2 in Ray Train); only the sizes are cut so the code path cannot rot.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from tripost_ray import storage
@@ -28,6 +30,8 @@ REDUCED = {
     "eval.batch_size": 16, "eval.max_new_tokens": 200, "eval.self_improve_rounds": 1, "eval.verification_per_split": 0,
     "train.epochs": 1, "train.micro_batch_size": 8, "train.cpus_per_worker": 0.5,
     "postprocess.min_new_examples": 1, "progress": "lines", "ray.include_dashboard": False,
+    # the ablation beyond the paper: the wrong first attempt is not trained on
+    "experiment.variants": "{no_wrong: {postprocess.first_attempt_weight: 0}}",
 }
 
 
@@ -35,7 +39,7 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("sub_run", ["sft", "tripost-seed1", "gold_sft-seed0"])
+@pytest.mark.parametrize("sub_run", ["sft", "tripost-seed1", "tripost_no_wrong-seed1", "gold_sft-seed0"])
 def test_an_experiment_refused_by_any_sub_run_changes_nothing_on_disk(tmp_path, sub_run):
     from tripost_ray.experiment import run_experiment
     from tripost_ray.stages import StageConfigChanged
@@ -58,7 +62,7 @@ def test_reduced_experiment_runs_both_arms_with_equal_tokens_and_resumes(ray_clu
     result = run_experiment(cfg)
     root = tmp_path / "reproduce_cpu"
 
-    assert set(result["arms"]) == {"tripost", "gold_sft"}
+    assert set(result["arms"]) == {"tripost", "tripost_no_wrong", "gold_sft"}
     for arm, data in result["arms"].items():
         assert [row["iteration"] for row in data["table"]] == [0, 1]
         assert set(data["per_seed"]) == {0, 1}
@@ -77,8 +81,8 @@ def test_reduced_experiment_runs_both_arms_with_equal_tokens_and_resumes(ray_clu
         assert tri["train_examples"] > 0 and gold["train_examples"] > 0
         assert all(key in tri for key in ("fixed_rate", "wrong_flagged_rate_seen", "right_flagged_rate_seen"))
 
-    # both arms started from the SFT run's model, with the seed applied to every sampler
-    for arm in ("tripost", "gold_sft"):
+    # every arm started from the SFT run's model, with the seed applied to every sampler
+    for arm in ("tripost", "tripost_no_wrong", "gold_sft"):
         run_cfg = load_config(str(root / f"{arm}-seed1" / "config.yaml"), [])
         assert run_cfg.model.source == str(root / "sft" / "sft" / "model")
         assert (run_cfg.rollout.seed, run_cfg.train.seed, run_cfg.postprocess.seed) == (1, 1, 1)
@@ -87,6 +91,19 @@ def test_reduced_experiment_runs_both_arms_with_equal_tokens_and_resumes(ray_clu
     for name in ("experiment.json", "experiment.md", "accuracy.png"):
         assert (root / name).stat().st_size > 0
     assert "### tripost" in (root / "experiment.md").read_text()
+
+    # the variant is TriPosT with its override: its self-improvement examples (and only
+    # theirs) give the wrong first attempt weight 0, the question and the feedback keep theirs
+    variant_cfg = load_config(str(root / "tripost_no_wrong-seed0" / "config.yaml"), [])
+    assert variant_cfg.postprocess.first_attempt_weight == 0 and variant_cfg.experiment.variants == {}
+    for arm, first_attempt in (("tripost", 1.0), ("tripost_no_wrong", 0.0)):
+        rows = pq.read_table(root / f"{arm}-seed0" / "iter_1" / "postprocess" / "train.parquet").to_pylist()
+        si = [r for r in rows if r["kind"] == "self_improve"]
+        assert si, f"{arm}: no self-improvement example to check"
+        expected = [1.0, 0.0, variant_cfg.postprocess.feedback_weight] if first_attempt == 0 else \
+            [1.0, variant_cfg.postprocess.feedback_weight]
+        assert all(r["span_weights"] == expected for r in si), arm
+    assert "Variant of tripost: `postprocess.first_attempt_weight=0`" in (root / "experiment.md").read_text()
 
     again = run_experiment(cfg)  # resumes: every stage is skipped, the aggregate is the same
     assert again["arms"]["tripost"]["table"] == result["arms"]["tripost"]["table"]
@@ -100,7 +117,8 @@ def test_reduced_experiment_runs_both_arms_with_equal_tokens_and_resumes(ray_clu
     assert len(parent) == 1 and "experiment.json" in {a.path for a in client.list_artifacts(parent[0].info.run_id)}
     children = {(r.data.tags["tripost.arm"], r.data.tags.get("tripost.seed")) for r in runs
                 if r.info.run_id != parent[0].info.run_id}
-    assert children == {("sft", None), ("tripost", "0"), ("tripost", "1"), ("gold_sft", "0"), ("gold_sft", "1")}
-    assert len(runs) == 6 and {r.data.tags.get("mlflow.parentRunId") for r in runs} == {None, parent[0].info.run_id}
+    assert children == {("sft", None), *((arm, seed) for arm in ("tripost", "tripost_no_wrong", "gold_sft")
+                                         for seed in ("0", "1"))}
+    assert len(runs) == 8 and {r.data.tags.get("mlflow.parentRunId") for r in runs} == {None, parent[0].info.run_id}
     manifests = storage.read_json(str(root / "gold_sft-seed0" / "iter_1" / "train" / "_MANIFEST.json"))
     assert manifests["target_tokens"] == result["arms"]["tripost"]["per_seed"][0][1]["train_tokens"]

@@ -80,6 +80,29 @@ def test_split_bad_improvement_is_one_feedback_example():
     assert example.spans == spans_of(example.text)
 
 
+def test_a_first_attempt_weight_reweights_only_the_wrong_attempts_that_open_self_improvement_examples():
+    t = traj([(A1, F1), (A2, F2), (A3, OK)])
+    si_1, si_2, terminal = split_trajectory(t, W, first_attempt_weight=0.0)
+    for example, attempt in ((si_1, A1), (si_2, A2)):
+        start = example.text.index("\nAnswer: ") + len("\nAnswer: ")
+        cut = example.text.index("\nFeedback:") + 1
+        assert example.spans == ((0, start, 1.0), (start, cut, 0.0), (cut, len(example.text), W))
+        assert example.text[start:cut] == attempt + "\n"  # the question keeps weight 1
+    assert terminal.spans == spans_of(terminal.text)  # a right attempt is still learnt
+    (bad,) = split_trajectory(traj([(A1, F1)], kind="bad_improvement"), W, first_attempt_weight=0.25)
+    assert bad.spans[1][2] == 0.25
+    assert [e.spans for e in split_trajectory(t, W, first_attempt_weight=1.0)] == [e.spans for e in split_trajectory(t, W)]
+
+
+def test_the_first_attempt_weight_reaches_the_examples_postprocess_writes():
+    t = traj([(A1, F1), (A3, OK)])
+    default = postprocess([t], [], cfg(rebalance_ratio=0), seed=0).examples
+    zeroed = postprocess([t], [], cfg(rebalance_ratio=0, first_attempt_weight=0.0), seed=0).examples
+    assert [e.text for e in default] == [e.text for e in zeroed]
+    si = next(e for e in zeroed if e.kind == "self_improve")
+    assert [w for _, _, w in si.spans] == [1.0, 0.0, W]
+
+
 def test_gold_example_is_answer_plus_all_correct_feedback():
     example = gold_example(Problem("g", Q, "12"), A3, W)
     assert example.kind == "gold" and example.problem_id == "g"

@@ -69,6 +69,7 @@ def _other_value(dotted: str, field, value: Any) -> Any:
     """A valid value different from ``value`` for the leaf at ``dotted``."""
     special = {"task.name": "word_sorting", "task.difficulty": {"operand_range": 5}, "model.source": "gpt2",
                "eval.extra_sets": {"extra": {"operand_range": 5}}, "experiment.seeds": [7],
+               "experiment.variants": {"w1": {"postprocess.feedback_weight": 1.0}},
                "train.adam_betas": [0.8, 0.9], "storage.lock_stale_s": 1000.0, "storage.lock_heartbeat_s": 10.0,
                "ray.address": "auto", "train.precision": "fp32",
                "model.tiny.hidden_size": 256, "model.tiny.num_heads": 8}
@@ -183,3 +184,18 @@ def test_the_moved_feedback_weight_says_where_it_went():
     assert build_config(None, ["postprocess.feedback_weight=1.0"]).postprocess.feedback_weight == 1.0
 
 
+
+
+def test_a_field_added_at_its_default_leaves_older_runs_hashes_alone():
+    """``postprocess.first_attempt_weight`` came after run folders were written: at its
+    default the postprocess hash is the one computed without the field (those runs resume);
+    any other value is a different stage."""
+    import hashlib
+    import json
+
+    spec = JobSpecs(build_config()).postprocess(1)
+    older = spec.model_dump(mode="json")
+    del older["postprocess"]["first_attempt_weight"]
+    assert spec.config_hash() == hashlib.sha256(json.dumps(older, sort_keys=True).encode()).hexdigest()[:16]
+    changed = JobSpecs(build_config(None, ["postprocess.first_attempt_weight=0"])).postprocess(1)
+    assert changed.config_hash() != spec.config_hash()

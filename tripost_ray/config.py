@@ -9,6 +9,7 @@ before any work starts, with an error that names the field and what is allowed.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -229,6 +230,10 @@ class PostprocessConfig(Section):
 
     feedback_weight: float = Field(1.5, ge=0, description="w: loss weight of tokens from the first 'Feedback:' on.")
     rebalance_ratio: float = Field(1.5, description="r; <= 0 turns rebalancing off.")
+    first_attempt_weight: float = Field(
+        1.0, ge=0, description="Loss weight of the wrong first attempt of a self-improvement example (after "
+        "'Answer:', up to its feedback); 0 trains the feedback and the update without training the model to "
+        "repeat its mistake (an ablation beyond the paper, which weights it 1).")
     max_attempt_words: int = Field(512, ge=1)
     max_example_tokens: int = Field(1024, ge=1)
     min_new_examples: int = Field(8, ge=0, description="Early stop when an iteration yields fewer examples.")
@@ -435,12 +440,35 @@ class TrackingConfig(Section):
 # ---------------------------------------------------------------------------- job
 
 
+#: Sections an experiment's variant may override: the method, not what its arms share.
+VARIANT_SECTIONS = ("rollout", "feedback", "improve", "teacher", "editing", "postprocess", "train")
+
+
 class ExperimentConfig(Section):
     """``tripost experiment``: TriPosT against an equal-token gold-SFT baseline, from one
     shared SFT model, over several seeds (see :mod:`tripost_ray.experiment`)."""
 
     seeds: list[int] = Field([0, 1, 2], min_length=1, description="One TriPosT run and one baseline run per seed.")
     baseline: bool = Field(True, description="Run the arm that keeps fine-tuning on gold rationales.")
+    variants: dict[str, dict[str, Any]] = Field(
+        {}, description="Ablations: named TriPosT arms, each the job's settings with these dotted overrides "
+        "(e.g. {w1: {postprocess.feedback_weight: 1.0}}), run for every seed from the same SFT model as "
+        "'tripost_<name>'. Only the method's own sections may change: " + ", ".join(VARIANT_SECTIONS) + ".")
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names_and_keys(cls, variants: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, overrides in variants.items():
+            if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+                raise ValueError(f"variant name {name!r}: use letters, digits and '_' (it names run folders)")
+            if not overrides:
+                raise ValueError(f"variant {name!r} overrides nothing: it would repeat the tripost arm")
+            for dotted in overrides:
+                if dotted.split(".", 1)[0] not in VARIANT_SECTIONS:
+                    raise ValueError(f"variant {name!r}: {dotted!r} is not a setting a variant may change; "
+                                     f"allowed: {', '.join(VARIANT_SECTIONS)} (every arm shares the task, "
+                                     "the SFT model and the evaluation)")
+        return variants
 
 
 class JobConfig(Section):
@@ -494,7 +522,25 @@ class JobConfig(Section):
                 raise ValueError(f"eval.extra_sets.{name}: {err}") from None
         return self
 
+    @model_validator(mode="after")
+    def _valid_variants(self) -> "JobConfig":
+        for name in self.experiment.variants:
+            try:
+                self.variant(name)
+            except ValidationError as err:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+                raise ValueError(f"experiment.variants.{name}: {problems}") from None
+        return self
+
     # ------------------------------------------------------------------ helpers
+
+    def variant(self, name: str) -> "JobConfig":
+        """This config with experiment variant ``name``'s overrides applied (and no variants)."""
+        data = self.model_dump(mode="json")
+        data["experiment"]["variants"] = {}
+        for dotted, value in self.experiment.variants[name].items():
+            set_dotted(data, dotted, value)
+        return JobConfig.model_validate(data)
 
     def to_yaml(self) -> str:
         """The resolved config as YAML (what is printed at start and saved with the run)."""

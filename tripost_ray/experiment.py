@@ -3,7 +3,7 @@
 ``tripost experiment CONFIG`` runs, under ``<storage.path>/<run_name>/``:
 
 1. ``sft/``: one job with ``iterations=0``: the problems, the tiny model, the gold-rationale
-   warm-up, and the evaluation of that starting model (iteration 0 of both arms);
+   warm-up, and the evaluation of that starting model (iteration 0 of every arm);
 2. per seed ``s``, ``tripost-seed<s>/``: a TriPosT job of ``iterations`` iterations that
    starts from the SFT model (``sft.epochs=0``), with the rollout, rebalancing and
    training seeds set to ``s``;
@@ -11,6 +11,8 @@
    fine-tuning on gold rationales of the train problems, iteration by iteration, for as
    many training tokens as the TriPosT run of the same seed trained on in that iteration
    (same trainer, learning rate and epochs); then evaluates exactly like TriPosT.
+4. per variant ``v`` of ``experiment.variants`` (the ablations) and seed ``s``,
+   ``tripost_<v>-seed<s>/``: a TriPosT job like 2. with the variant's overrides.
 
 Every run is an ordinary resumable run (stages, manifests, ``tripost report``); the
 experiment adds ``experiment.json``, ``experiment.md`` and ``accuracy.png`` that summarise
@@ -36,7 +38,6 @@ from tripost_ray.tracking import Tracker, child_config
 
 log = logging.getLogger("tripost")
 
-ARMS = ("tripost", "gold_sft")
 METRIC_KEYS = ("seen", "unseen", "total")
 # pooled over the test splits, like the paper; the model-as-verifier rates on the seen split
 # only, where its outputs are well-formed enough for "flagged" to mean something
@@ -66,12 +67,19 @@ def sft_config(cfg: JobConfig) -> JobConfig:
                                                   "feedback.provider": "scripted", "improve.provider": "scripted"})
 
 
+def tripost_arms(cfg: JobConfig) -> list[str]:
+    """The TriPosT arms: the job's own settings, then one per variant (``tripost_<name>``)."""
+    return ["tripost", *(f"tripost_{name}" for name in cfg.experiment.variants)]
+
+
 def arm_config(cfg: JobConfig, arm: str, seed: int, sft_model: str) -> JobConfig:
     """One arm and seed, starting from the SFT model (its iteration 0 is the SFT run's)."""
     updates: dict[str, Any] = {"model.source": sft_model, "sft.epochs": 0, "eval.initial": False,
                                "seed": seed, "rollout.seed": seed, "postprocess.seed": seed, "train.seed": seed}
     if arm == "gold_sft":
         updates.update({"teacher.enabled": False, "feedback.provider": "scripted", "improve.provider": "scripted"})
+    elif arm != "tripost":
+        cfg = cfg.variant(arm.removeprefix("tripost_"))
     return _derived(cfg, f"{arm}-seed{seed}", **updates)
 
 
@@ -99,8 +107,10 @@ def check_sub_runs(cfg: JobConfig, *, force: bool) -> None:
     else:
         sft_model = sft.model_url(model_stage)
     for seed in cfg.experiment.seeds:
-        tripost = check_existing_stages(arm_config(cfg, "tripost", seed, sft_model), force=force)
+        arms = {arm: check_existing_stages(arm_config(cfg, arm, seed, sft_model), force=force)
+                for arm in tripost_arms(cfg)}
         if cfg.experiment.baseline:
+            tripost = arms["tripost"]
             targets = [int(tripost.output(f"iter_{t}/train", TrainOutput).train["tokens_trained"])
                        for t in range(1, cfg.iterations + 1) if f"iter_{t}/train" in tripost.run.manifests]
             check_existing_stages(arm_config(cfg, "gold_sft", seed, sft_model), force=force,
@@ -116,11 +126,12 @@ def _experiment_runs(cfg: JobConfig, root: str, *, force: bool) -> dict:
     log.info("experiment %s: shared SFT model", root)
     sft = run_job(child_config(sft_config(cfg), tracker, arm="sft"), force=force)
     sft_model = sft["model"]
-    summaries: dict[str, dict[int, dict]] = {arm: {} for arm in ARMS}
+    summaries: dict[str, dict[int, dict]] = {arm: {} for arm in [*tripost_arms(cfg), "gold_sft"]}
     for seed in cfg.experiment.seeds:
-        log.info("experiment: TriPosT, seed %d", seed)
-        summaries["tripost"][seed] = run_job(child_config(arm_config(cfg, "tripost", seed, sft_model), tracker,
-                                                          arm="tripost", seed=seed), force=force)
+        for arm in tripost_arms(cfg):
+            log.info("experiment: %s, seed %d", arm, seed)
+            summaries[arm][seed] = run_job(child_config(arm_config(cfg, arm, seed, sft_model), tracker,
+                                                        arm=arm, seed=seed), force=force)
         if cfg.experiment.baseline:
             targets = [int(it["train"]["tokens_trained"]) for it in summaries["tripost"][seed]["iterations"]
                        if it.get("train")]
@@ -197,7 +208,7 @@ def aggregate(sft: dict, summaries: dict[str, dict[int, dict]], cfg: JobConfig) 
         arms[arm] = {"per_seed": per_seed, "table": table,
                      "stage_times_s": {k: round(statistics.fmean(v), 1) for k, v in stage_times.items()},
                      "run_time_s": _mean_std([s["total_stage_time_s"] for s in by_seed.values()])}
-    return {"seeds": list(cfg.experiment.seeds), "start": start, "arms": arms,
+    return {"seeds": list(cfg.experiment.seeds), "variants": cfg.experiment.variants, "start": start, "arms": arms,
             "sft_stage_times_s": sft["stage_times_s"], "sft_time_s": sft["total_stage_time_s"],
             "total_stage_time_s": round(sft["total_stage_time_s"] + sum(
                 s["total_stage_time_s"] for by_seed in summaries.values() for s in by_seed.values()), 1)}
@@ -223,7 +234,11 @@ def format_experiment(result: dict) -> str:
     for arm, data in result["arms"].items():
         acc_keys = _accuracy_keys(data["table"][0])
         head = ["iter", *acc_keys, *SI_HEADERS, "train tokens", "train ex.", "LLM calls"]
-        lines += [f"### {arm}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += [f"### {arm}", ""]
+        overrides = result.get("variants", {}).get(arm.removeprefix("tripost_")) if arm != "tripost" else None
+        if overrides:
+            lines += ["Variant of tripost: " + ", ".join(f"`{k}={v}`" for k, v in overrides.items()), ""]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in data["table"]:
             cells = [str(row["iteration"]), *(_cell(row[k]) for k in acc_keys), *(_cell(row[k]) for k in SI_KEYS),
                      *(_cell(row[k], pct=False) for k in COUNT_KEYS)]
@@ -236,7 +251,7 @@ def format_experiment(result: dict) -> str:
 
 
 def plot_accuracy(result: dict, path: str) -> None:
-    """Accuracy per iteration for both arms, error bars = standard deviation over seeds."""
+    """Accuracy per iteration for every arm, error bars = standard deviation over seeds."""
     import io
 
     import matplotlib

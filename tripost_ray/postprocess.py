@@ -29,7 +29,8 @@ TRIPOST.md, "The loop", step 2, as pure functions:
    nothing to teach and the loop's early stop (``min_new_examples``) takes over.
 
 Loss weights come from :func:`tripost_ray.trajectory.weighted_example`: weight 1 before
-the first ``Feedback:``, ``feedback_weight`` from it to the end.
+the first ``Feedback:``, ``feedback_weight`` from it to the end. ``first_attempt_weight``
+(1 in the paper) re-weights the wrong attempt that opens a self-improvement example.
 """
 
 from __future__ import annotations
@@ -115,15 +116,17 @@ def trajectory_problem(traj: Trajectory, max_attempt_words: int) -> DropReason |
 # -------------------------------------------------------------------------- split
 
 
-def split_trajectory(traj: Trajectory, feedback_weight: float) -> list[TrainingExample]:
-    """Single-turn examples of a trajectory (see the module docstring for the shapes)."""
+def split_trajectory(traj: Trajectory, feedback_weight: float, first_attempt_weight: float = 1.0) -> list[TrainingExample]:
+    """Single-turn examples of a trajectory (see the module docstring for the shapes); the
+    wrong attempt that opens each self-improvement example is weighted ``first_attempt_weight``."""
     q, turns, pid = traj.question, traj.turns, traj.problem_id
+
+    def self_improve(text: str) -> TrainingExample:
+        return weighted_example(text, "self_improve", feedback_weight, pid, first_attempt_weight)
+
     if traj.kind == "bad_improvement":
-        return [weighted_example(render_trajectory(q, turns[:1]), "self_improve", feedback_weight, pid)]
-    examples = [
-        weighted_example(render_trajectory(q, [turn, Turn(nxt.attempt, None)]), "self_improve", feedback_weight, pid)
-        for turn, nxt in zip(turns, turns[1:])
-    ]
+        return [self_improve(render_trajectory(q, turns[:1]))]
+    examples = [self_improve(render_trajectory(q, [turn, Turn(nxt.attempt, None)])) for turn, nxt in zip(turns, turns[1:])]
     examples.append(weighted_example(render_trajectory(q, [turns[-1]]), "terminal", feedback_weight, pid))
     return examples
 
@@ -213,7 +216,7 @@ def postprocess(
             dropped[problem] += 1
             continue
         kept_trajectories += 1
-        examples = split_trajectory(traj, cfg.feedback_weight)
+        examples = split_trajectory(traj, cfg.feedback_weight, cfg.first_attempt_weight)
         bad_improvement += len(examples) if traj.kind == "bad_improvement" else 0
         candidates += examples
     counts["trajectories_kept"] = kept_trajectories

@@ -42,6 +42,9 @@ class StageSpec(BaseModel):
 
     #: Dotted fields that change how a stage runs, never what it computes.
     RUNTIME_ONLY: ClassVar[tuple[str, ...]] = ()
+    #: Dotted fields added after run folders were written, with their default: left out of
+    #: the hash at that value, so an older run's stage still matches and resumes.
+    ADDED_WITH_DEFAULT: ClassVar[dict[str, Any]] = {}
 
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(self._hashed(), sort_keys=True).encode()).hexdigest()[:16]
@@ -53,13 +56,21 @@ class StageSpec(BaseModel):
             value = getattr(self, name)
             if isinstance(value, StageSpec):
                 data[name] = value._hashed()
-        for dotted in self.RUNTIME_ONLY:
+        dropped = [*self.RUNTIME_ONLY, *(dotted for dotted, default in self.ADDED_WITH_DEFAULT.items()
+                                         if _get_dotted(data, dotted) == default)]
+        for dotted in dropped:
             *path, last = dotted.split(".")
             node = data
             for key in path:
                 node = node[key]
             node.pop(last, None)
         return data
+
+
+def _get_dotted(data: dict[str, Any], dotted: str) -> Any:
+    for key in dotted.split("."):
+        data = data[key]
+    return data
 
 
 class TaskSpec(StageSpec):
@@ -185,6 +196,8 @@ class EditingSpec(StageSpec):
 
 class PostprocessSpec(StageSpec):
     """Filters, splitting into weighted examples, rebalancing."""
+
+    ADDED_WITH_DEFAULT = {"postprocess.first_attempt_weight": 1.0}
 
     postprocess: PostprocessConfig
     seed: int

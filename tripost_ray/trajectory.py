@@ -335,12 +335,21 @@ class TrainingExample:
         return cls(text=d["text"], spans=spans, kind=d["kind"], problem_id=d.get("problem_id", ""))
 
 
-def weighted_example(text: str, kind: ExampleKind, feedback_weight: float, problem_id: str = "") -> TrainingExample:
-    """Weight 1 before the first ``Feedback:`` and ``feedback_weight`` from it to the end."""
+def weighted_example(text: str, kind: ExampleKind, feedback_weight: float, problem_id: str = "",
+                     first_attempt_weight: float = 1.0) -> TrainingExample:
+    """Weight 1 before the first ``Feedback:`` and ``feedback_weight`` from it to the end;
+    with ``first_attempt_weight`` != 1 the first attempt (after ``Answer:``, up to that
+    feedback) gets its own span and weight, the question keeping weight 1."""
     cut = text.find("\n" + FEEDBACK_TAG.strip())
     if cut < 0:
-        spans = ((0, len(text), 1.0),)
+        return TrainingExample(text=text, spans=((0, len(text), 1.0),), kind=kind, problem_id=problem_id)
+    cut += 1  # the newline belongs to the answer; "Feedback:" starts the weighted span
+    feedback = (cut, len(text), float(feedback_weight))
+    if first_attempt_weight == 1.0:
+        spans: tuple[tuple[int, int, float], ...] = ((0, cut, 1.0), feedback)
     else:
-        cut += 1  # the newline belongs to the answer; "Feedback:" starts the weighted span
-        spans = ((0, cut, 1.0), (cut, len(text), float(feedback_weight)))
+        attempt = text.find("\n" + ANSWER_TAG, 0, cut) + 1 + len(ANSWER_TAG)
+        if attempt == len(ANSWER_TAG):
+            raise ValueError(f"no {ANSWER_TAG.strip()!r} line before the first feedback: {text[:200]!r}")
+        spans = ((0, attempt, 1.0), (attempt, cut, float(first_attempt_weight)), feedback)
     return TrainingExample(text=text, spans=spans, kind=kind, problem_id=problem_id)
