@@ -207,3 +207,9 @@ def test_experiment_variants_apply_their_overrides_and_nothing_else():
 )
 def test_bad_experiment_variants_are_refused_naming_the_variant(variants, words):
     assert words in _error([f"experiment.variants={variants}"])
+
+
+def test_variant_seeds_are_a_subset_of_the_seeds():
+    assert "variant_seeds [3] must be a non-empty subset of seeds [0, 1]" in _error(
+        ["experiment.seeds=[0,1]", "experiment.variant_seeds=[3]"])
+    assert build_config(None, ["experiment.seeds=[0,1]", "experiment.variant_seeds=[1]"]).experiment.variant_seeds == [1]

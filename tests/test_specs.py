@@ -69,7 +69,7 @@ def _other_value(dotted: str, field, value: Any) -> Any:
     """A valid value different from ``value`` for the leaf at ``dotted``."""
     special = {"task.name": "word_sorting", "task.difficulty": {"operand_range": 5}, "model.source": "gpt2",
                "eval.extra_sets": {"extra": {"operand_range": 5}}, "experiment.seeds": [7],
-               "experiment.variants": {"w1": {"postprocess.feedback_weight": 1.0}},
+               "experiment.variants": {"w1": {"postprocess.feedback_weight": 1.0}}, "experiment.variant_seeds": [0],
                "train.adam_betas": [0.8, 0.9], "storage.lock_stale_s": 1000.0, "storage.lock_heartbeat_s": 10.0,
                "ray.address": "auto", "train.precision": "fp32",
                "model.tiny.hidden_size": 256, "model.tiny.num_heads": 8}

@@ -454,6 +454,9 @@ class ExperimentConfig(Section):
         {}, description="Ablations: named TriPosT arms, each the job's settings with these dotted overrides "
         "(e.g. {w1: {postprocess.feedback_weight: 1.0}}), run for every seed from the same SFT model as "
         "'tripost_<name>'. Only the method's own sections may change: " + ", ".join(VARIANT_SECTIONS) + ".")
+    variant_seeds: list[int] | None = Field(
+        None, description="Seeds the variants run with (a subset of seeds; None: all of them): e.g. [0] screens "
+        "every variant on one seed while tripost and the baseline get their mean and standard deviation.")
 
     @field_validator("variants")
     @classmethod
@@ -469,6 +472,12 @@ class ExperimentConfig(Section):
                                      f"allowed: {', '.join(VARIANT_SECTIONS)} (every arm shares the task, "
                                      "the SFT model and the evaluation)")
         return variants
+
+    @model_validator(mode="after")
+    def _variant_seeds_are_seeds(self) -> "ExperimentConfig":
+        if self.variant_seeds is not None and (not self.variant_seeds or set(self.variant_seeds) - set(self.seeds)):
+            raise ValueError(f"variant_seeds {self.variant_seeds} must be a non-empty subset of seeds {self.seeds}")
+        return self
 
 
 class JobConfig(Section):

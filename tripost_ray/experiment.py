@@ -67,9 +67,12 @@ def sft_config(cfg: JobConfig) -> JobConfig:
                                                   "feedback.provider": "scripted", "improve.provider": "scripted"})
 
 
-def tripost_arms(cfg: JobConfig) -> list[str]:
-    """The TriPosT arms: the job's own settings, then one per variant (``tripost_<name>``)."""
-    return ["tripost", *(f"tripost_{name}" for name in cfg.experiment.variants)]
+def tripost_arms(cfg: JobConfig, seed: int) -> list[str]:
+    """The TriPosT arms of ``seed``: the job's own settings, then one per variant
+    (``tripost_<name>``) where ``experiment.variant_seeds`` includes the seed."""
+    variant_seeds = cfg.experiment.variant_seeds
+    variants = cfg.experiment.variants if variant_seeds is None or seed in variant_seeds else {}
+    return ["tripost", *(f"tripost_{name}" for name in variants)]
 
 
 def arm_config(cfg: JobConfig, arm: str, seed: int, sft_model: str) -> JobConfig:
@@ -108,7 +111,7 @@ def check_sub_runs(cfg: JobConfig, *, force: bool) -> None:
         sft_model = sft.model_url(model_stage)
     for seed in cfg.experiment.seeds:
         arms = {arm: check_existing_stages(arm_config(cfg, arm, seed, sft_model), force=force)
-                for arm in tripost_arms(cfg)}
+                for arm in tripost_arms(cfg, seed)}
         if cfg.experiment.baseline:
             tripost = arms["tripost"]
             targets = [int(tripost.output(f"iter_{t}/train", TrainOutput).train["tokens_trained"])
@@ -126,9 +129,10 @@ def _experiment_runs(cfg: JobConfig, root: str, *, force: bool) -> dict:
     log.info("experiment %s: shared SFT model", root)
     sft = run_job(child_config(sft_config(cfg), tracker, arm="sft"), force=force)
     sft_model = sft["model"]
-    summaries: dict[str, dict[int, dict]] = {arm: {} for arm in [*tripost_arms(cfg), "gold_sft"]}
+    arms = ["tripost", *(f"tripost_{name}" for name in cfg.experiment.variants), "gold_sft"]
+    summaries: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
     for seed in cfg.experiment.seeds:
-        for arm in tripost_arms(cfg):
+        for arm in tripost_arms(cfg, seed):
             log.info("experiment: %s, seed %d", arm, seed)
             summaries[arm][seed] = run_job(child_config(arm_config(cfg, arm, seed, sft_model), tracker,
                                                         arm=arm, seed=seed), force=force)
