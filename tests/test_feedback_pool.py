@@ -181,17 +181,18 @@ def test_rpm_limit_holds_across_actors_per_the_servers_log(teachers, tmp_path):
     times = sorted(e[0] for e in stats(root)["events"])
     assert len(times) == summary.http_requests >= 30
     # The limiter spaces *leases* exactly 60/RPM apart; the server stamps *arrivals*, which
-    # a busy event loop or the Serve proxy hop can delay by tens of milliseconds. So a
-    # window may hold one request more than its share (a late one next to an on-time one),
-    # and the whole run's span may be short by one such delay, never more.
+    # a busy event loop or the Serve proxy hop can delay by up to jitter_s. So the requests
+    # arriving within a window were leased within the window plus jitter_s (late ones
+    # bunch up behind on-time ones), and the whole run's span may be short by one such
+    # delay, never more. Without the limiter the 30+ requests arrive within about a second.
     interval = 60.0 / rpm
-    jitter_s = 0.3  # measured up to ~0.2 s on a 2-core box running the whole suite
+    jitter_s = 0.3  # measured up to ~0.2 s on a 2-core box running the whole suite (0.26 s once)
     for window in (1.0, 2.0, 4.0):
         j = 0
         for i in range(len(times)):
             while times[i] - times[j] > window:
                 j += 1
-            assert i - j + 1 <= window / interval + 2, f"{i - j + 1} requests within {window} s"
+            assert i - j + 1 <= (window + jitter_s) / interval + 1, f"{i - j + 1} requests within {window} s"
     span = times[-1] - times[0]
     assert span >= (len(times) - 1) * interval - jitter_s
     assert (len(times) - 1) / span >= 0.6 * rpm / 60  # and the limiter is not needlessly slow
