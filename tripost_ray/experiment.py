@@ -239,7 +239,7 @@ def format_experiment(result: dict) -> str:
         acc_keys = _accuracy_keys(data["table"][0])
         head = ["iter", *acc_keys, *SI_HEADERS, "train tokens", "train ex.", "LLM calls"]
         lines += [f"### {arm}", ""]
-        overrides = result.get("variants", {}).get(arm.removeprefix("tripost_")) if arm != "tripost" else None
+        overrides = result.get("variants", {}).get(arm.removeprefix("tripost_")) if arm.startswith("tripost_") else None
         if overrides:
             lines += ["Variant of tripost: " + ", ".join(f"`{k}={v}`" for k, v in overrides.items()), ""]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
