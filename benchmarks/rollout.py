@@ -13,12 +13,16 @@ prompts carry each problem's first-round output from the plain HF loop (the prom
 a first attempt, as a self-improvement round's does; every variant gets the same prompts).
 
 Reported per round and over all rounds: generated tokens/s, problems/s and the ratios to
-the plain HF loop and to the engine's own bare loop. Each timed run includes its start-up:
-the bare loop's is what a user's own script pays once, in its first round: a fresh
+the plain HF loop and to the engine's own bare loop. Each timed run includes its start-up,
+once, as a pipeline pays it: the bare loop's is what a user's own script pays, a fresh
 interpreter, its imports and the engine's construction, timed in a child process (the loop
 itself then runs in this process, whose imports are warm); the stage's is starting its
-actors, whose processes pay the same imports and load the model, every round. ``steady_*``
-rates exclude start-up, and the one-off ``ray.init`` is timed and reported separately.
+actors, whose processes pay the same imports and load the model. The stage gets both
+rounds' prompts in one run, as a pipeline stage's actors run every round of their batches
+(round 2's problems carry their own ids, so their seeds differ from round 1's); its rows'
+batch times split that run at the end of round 1's last batch into a round-1 and a round-2
+part. ``steady_*`` rates exclude start-up, and the one-off ``ray.init`` is timed and
+reported separately.
 Per-problem seeds and the same batches make every variant of one engine generate the same
 tokens, which the script checks; their thread counts differ, so their logits may differ in
 the last bits, which the samplers turn into another token only very rarely
@@ -160,28 +164,37 @@ def bare_loop(engine_name: str, model_dir: str, task, rounds: list, args, thread
     return out
 
 
-def ray_stage(engine: str, model_dir: str, problems, args, actors: int, threads: int, gpus_per_actor: float,
-              out: str) -> dict:
-    """(b): the Ray Data stage with ``actors`` generator actors of ``threads`` threads each."""
+def ray_stage(engine: str, model_dir: str, rounds: list, args, actors: int, threads: int, gpus_per_actor: float,
+              out: str) -> list[dict]:
+    """(b): the Ray Data stage with ``actors`` generator actors of ``threads`` threads each, over
+    every round's problems in one run; one result per round, split where round 1's last batch
+    ends (round 1 carries the start-up)."""
     from tripost_ray.rollout import read_rollouts, run_rollouts
 
     t0, t_wall0 = time.perf_counter(), time.time()
-    summary = run_rollouts(problems, model_dir, _spec(args, engine, actors, threads, gpus_per_actor), out)
-    wall = time.perf_counter() - t0
-    rows = read_rollouts(out)
-    first_batch = min(r["batch_started_at"] for r in rows)
-    generating = max(r["batch_finished_at"] for r in rows) - first_batch
-    return {"wall_s": wall, "generated_tokens": summary.generated_tokens, "problems": summary.n_written,
-            "actors_seen": summary.n_actors_seen, "start_s": first_batch - t_wall0,
-            "steady_wall_s": generating, "outputs": {r["problem_id"]: r["output"] for r in rows}}
+    summary = run_rollouts([p for problems in rounds for p in problems], model_dir,
+                           _spec(args, engine, actors, threads, gpus_per_actor), out)
+    end = t_wall0 + time.perf_counter() - t0
+    by_id = {r["problem_id"]: r for r in read_rollouts(out)}
+    parts = [[by_id[p.id] for p in problems] for problems in rounds]
+    finished = [max(r["batch_finished_at"] for r in rows) for rows in parts]  # each round's last batch
+    starts = [t_wall0] + finished[:-1]
+    steady_from = [min(r["batch_started_at"] for r in parts[0])] + finished[:-1]
+    ends = finished[:-1] + [end]  # the last round's wall also holds the last Parquet write
+    return [{"wall_s": ends[i] - starts[i], "steady_wall_s": finished[i] - steady_from[i],
+             "start_s": steady_from[i] - starts[i], "generated_tokens": sum(r["generated_tokens"] for r in rows),
+             "problems": len(rows), "actors_seen": summary.n_actors_seen,
+             "outputs": {r["problem_id"]: r["output"] for r in rows}}
+            for i, rows in enumerate(parts)]
 
 
 def second_round(problems, outputs: dict[str, str]):
     """Problems whose prompt carries their first-round output before the answer prompt (a
-    longer prompt, as in a self-improvement round); ids are kept, so seeds and batches stay."""
+    longer prompt, as in a self-improvement round), under ids of their own (``<id>-r2``): the
+    stage runs both rounds in one dataset, and every variant seeds them alike."""
     from dataclasses import replace
 
-    return [replace(p, question=f"{p.question}\nAnswer: {outputs[p.id]}") for p in problems]
+    return [replace(p, id=f"{p.id}-r2", question=f"{p.question}\nAnswer: {outputs[p.id]}") for p in problems]
 
 
 #: The bare loop's variant name per engine (``plain_loop``: the HF baseline, as before engines).
@@ -229,9 +242,8 @@ def _ray_runs(args, model_dir: str, rounds: list, n_gpus: int, tmp: str, results
                 gpus = (1.0 if n_gpus >= actors else n_gpus / actors) if n_gpus else 0.0
                 name = f"ray_{actors}_actor" + ("" if engine == "hf" else f"_{engine}")
                 print(f"(b) Ray Data stage, {engine}, {actors} actor(s) x {threads} threads ...", flush=True)
-                results[name] = [ray_stage(engine, model_dir, problems, args, actors, threads, gpus,
-                                           os.path.join(tmp, f"{name}_round{i}"))
-                                 for i, problems in enumerate(rounds, 1)]
+                results[name] = ray_stage(engine, model_dir, rounds, args, actors, threads, gpus,
+                                          os.path.join(tmp, name))
     finally:
         ray.shutdown()
     return ray_init_s
@@ -330,7 +342,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "stage (1 and 2 actors, equal cores), for each round (round 2: prompts carry round 1's output). "
                 "tokens_per_s: end to end (bare loop: a fresh interpreter's imports and engine construction, "
                 "timed in a child process, in round 1 + generation; warm_load_s: the engine built with imports "
-                "done; stage: actor start + imports + model load + generation + Parquet write, every round). "
+                "done; stage: actor start + imports + model load + generation + Parquet write, once: both rounds "
+                "run in one stage, as a pipeline's actors run every round of their batches, split into rounds where "
+                "round 1's last batch ends). "
                 "steady_tokens_per_s: generation only "
                 "(bare: after the model is loaded; stage: first batch start to last batch end); start_s is the "
                 "start-up left out of it. 'total' sums all rounds. ray.init is excluded and reported as ray_init_s.",
