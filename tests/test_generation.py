@@ -58,7 +58,8 @@ def test_the_sampler_is_row_wise_whatever_the_batch():
 
 def test_sampling_repeats_under_a_seed_and_does_not_depend_on_the_batch(engine):
     """The same batches repeat bit for bit (the promise the rollout stage relies on). A prompt
-    sampled alone or in a reordered batch gets logits that differ in the last bits (6e-8 here);
+    sampled alone, in a reordered batch or with another thread count gets logits that differ in
+    the last bits (6e-8 here);
     with the vocabulary-order sampler that changes a token only if its uniform lands within
     that distance of a CDF boundary (~1e-7 per token), so the texts agree. This failed on
     AVX-512 CPUs while the sampler walked a probability-sorted CDF (near-ties swapped)."""
@@ -68,6 +69,13 @@ def test_sampling_repeats_under_a_seed_and_does_not_depend_on_the_batch(engine):
     # reversed order and one-by-one give each prompt the same continuation (input order kept)
     assert [g.text for g in engine.generate(PROMPTS[::-1], params)[::-1]] == [g.text for g in a]
     assert [engine.generate([p], params)[0].text for p in PROMPTS] == [g.text for g in a]
+    # another intra-op thread count (an actor with one core against a loop with two) as well
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        assert [g.text for g in engine.generate(PROMPTS, params)] == [g.text for g in a]
+    finally:
+        torch.set_num_threads(threads)
     # another seed samples something else
     b = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12, temperature=1.0, seed=6))
     assert [g.text for g in b] != [g.text for g in a]

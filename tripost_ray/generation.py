@@ -13,9 +13,10 @@ decoding then picks exactly that token. The promise, precisely:
   never on the other rows of its batch. With the same batch composition (which the rollout
   stage's fixed batches give, whichever actor or node runs them) a run repeats bit for bit
   on one machine.
-- *Near-certain, not exact*: the same prompt in a batch of another shape. The model's logits
-  then differ in the last bits (a differently shaped matmul picks other kernels: 6e-8 on
-  this project's CPU tiny model, more in bf16). The sampler walks the CDF in *vocabulary*
+- *Near-certain, not exact*: the same prompt in a batch of another shape, or with another
+  number of intra-op threads (a rollout actor given one core where a plain loop used two).
+  The model's logits then differ in the last bits (a differently shaped or differently split
+  matmul picks other kernels: 6e-8 on this project's CPU tiny model, more in bf16). The sampler walks the CDF in *vocabulary*
   order, not sorted by probability, so such a difference changes the token only when the
   row's uniform draw falls within it of an interval boundary: about 1e-7 per token in fp32.
   (Sorting by probability made near-ties - common in a barely trained model - swap places
