@@ -32,7 +32,7 @@ the GPU(s) and tokens/s per GPU are reported.
 
     python benchmarks/rollout.py                     # both engines, 2 rounds: the committed results
     python benchmarks/rollout.py --engines hf --rounds 1   # HF only (no vLLM installed)
-    python benchmarks/rollout.py --problems 32 --max-new-tokens 32   # a quick look
+    python benchmarks/rollout.py --problems 64 --max-new-tokens 32   # a quick look
 
 The default workload (1,024 problems x 200 new tokens, batches of 64) is sized so that every
 variant generates for a minute or more on 2 cores: start-up is then a small part of its time.
@@ -288,6 +288,9 @@ def main(argv: list[str] | None = None) -> dict:
     if set(args.engines) - set(BARE):
         p.error(f"--engines: unknown {sorted(set(args.engines) - set(BARE))}; allowed: {sorted(BARE)}")
     args.actors = [int(a) for a in args.actors.split(",")]
+    if args.rounds == 2 and args.problems % args.batch_size:
+        # the stage's one dataset is cut into batches across both rounds: a batch must not mix them
+        p.error(f"--problems ({args.problems}) must be a multiple of --batch-size ({args.batch_size}) with 2 rounds")
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
