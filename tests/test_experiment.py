@@ -125,3 +125,20 @@ def test_reduced_experiment_runs_both_arms_with_equal_tokens_and_resumes(ray_clu
     assert len(runs) == 7 and {r.data.tags.get("mlflow.parentRunId") for r in runs} == {None, parent[0].info.run_id}
     manifests = storage.read_json(str(root / "gold_sft-seed0" / "iter_1" / "train" / "_MANIFEST.json"))
     assert manifests["target_tokens"] == result["arms"]["tripost"]["per_seed"][0][1]["train_tokens"]
+
+
+def test_experiment_md_names_overrides_only_under_their_variants_heading():
+    """A variant's overrides label its own ``tripost_<name>`` section and no other, even one
+    whose name matches after the prefix (a variant called ``gold_sft`` must not label the
+    baseline). Uses the committed ablation screening's aggregate."""
+    import json
+
+    from tripost_ray.experiment import format_experiment
+
+    result = json.loads((Path(__file__).resolve().parents[1] / "docs/results/ablations_cpu.json").read_text())
+    result["variants"]["gold_sft"] = {"postprocess.feedback_weight": 2.0}
+    sections = {s.split("\n", 1)[0]: s for s in format_experiment(result).split("### ")[1:]}
+    assert "Variant of tripost: `postprocess.feedback_weight=1.0`" in sections["tripost_w1"]
+    assert "Variant of tripost: `postprocess.rebalance_ratio=0`" in sections["tripost_r0"]
+    for arm in ("tripost", "gold_sft"):
+        assert "Variant of tripost" not in sections[arm]
