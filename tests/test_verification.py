@@ -1,5 +1,6 @@
 """The verification probe: its prompts are the training format, its verdicts follow the
-scripted verifier, and it runs through ``evaluate_model`` on a real Ray worker."""
+scripted verifier, and it runs through ``evaluate_model`` on a real Ray worker; the
+probability of calling an attempt correct is read off the model as decoding would."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import random
 
 import pytest
 
+from conftest import EASY_ARITHMETIC
+from tripost_ray.editing import all_correct_text
 from tripost_ray.feedback.synthetic import corrupt_numbers
 from tripost_ray.report import VERIFICATION_HEADERS, verification_rows
 from tripost_ray.tasks import get_task
-from tripost_ray.trajectory import Feedback, Turn, render_feedback, render_trajectory
-from tripost_ray.verification import (GOLD_VERDICTS, WRONG_VERDICTS, ProbeItem, probe_items, probe_metrics,
-                                      probe_prompt, verdict)
+from tripost_ray.trajectory import Feedback, Turn, parse_attempt, render_feedback, render_trajectory
+from tripost_ray.verification import (GOLD_VERDICTS, WRONG_VERDICTS, ProbeItem, all_correct_logprob, auroc,
+                                      probe_items, probe_metrics, probe_prompt, signal_metrics, verdict)
 
 TASK = get_task("multistep_arithmetic")
 
@@ -80,6 +83,54 @@ def test_metrics_are_rates_per_split_and_kind_and_the_report_shows_them():
     rows = verification_rows({"iterations": [{"iteration": 1, "metrics": {"verification": m}},
                                              {"iteration": 2, "metrics": {}}]})
     assert [r[:3] for r in rows] == [[1, "seen", 2], [1, "unseen", 0]] and len(rows[0]) == len(VERIFICATION_HEADERS)
+
+
+def _load(model_dir: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+def test_the_logprob_of_correct_sums_the_sentences_next_token_logprobs(tiny_model_dir):
+    import torch
+
+    model, tok = _load(tiny_model_dir)
+    wrong = _wrong_item(2)
+    items = [wrong, ProbeItem(wrong.problem, TASK.gold_rationale(wrong.problem), Feedback(step=None))]
+    got = all_correct_logprob(model, tok, TASK, items)
+    for it, lp in zip(items, got):  # decode the sentence token by token, as sampling would
+        ids = tok(probe_prompt(TASK, it))["input_ids"]
+        sentence = tok(probe_prompt(TASK, it) + " " + all_correct_text(parse_attempt(it.attempt)))["input_ids"][len(ids):]
+        expected = 0.0
+        with torch.inference_mode():
+            for token in sentence:
+                expected += torch.log_softmax(model(torch.tensor([ids])).logits[0, -1], dim=-1)[token].item()
+                ids.append(token)
+        assert len(sentence) > 5 and lp == pytest.approx(expected, rel=1e-4)
+    assert got[0] != got[1]  # each item is scored on its own attempt
+
+
+def test_a_model_that_learnt_to_flag_its_mistakes_ranks_gold_attempts_above_wrong_ones(feedback_model_dir):
+    model_dir, problems = feedback_model_dir  # memorised: a final answer of 77 is flagged, the gold one accepted
+    task = get_task("multistep_arithmetic", **EASY_ARITHMETIC)
+    items = []
+    for p in problems:
+        gold = task.gold_rationale(p)
+        wrong = gold.rsplit("is ", 1)[0] + "is 77."
+        items += [ProbeItem(p, wrong, task.verify(p, wrong)), ProbeItem(p, gold, Feedback(step=None))]
+    model, tok = _load(model_dir)
+    seen = signal_metrics(items, all_correct_logprob(model, tok, task, items))["seen"]
+    assert seen["wrong"]["n"] == seen["gold"]["n"] == len(problems)
+    # gold attempts were memorised as updated answers, not first ones: ranked well, not perfectly
+    assert seen["auroc"] > 0.75
+    assert seen["wrong"]["mean_p_correct"] < seen["gold"]["mean_p_correct"]
+
+
+def test_auroc_counts_pairs_ranked_right_and_ties_as_half():
+    assert auroc([0.9, 0.8], [0.1, 0.2]) == 1.0
+    assert auroc([0.1], [0.9]) == 0.0
+    assert auroc([0.5, 0.9], [0.5]) == 0.75
+    assert auroc([], [0.5]) is None
 
 
 @pytest.mark.integration

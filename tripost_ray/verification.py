@@ -14,17 +14,25 @@ after each (greedy, one line):
 
 Rates are per split (seen / unseen) and per kind. Plain Python over a
 :class:`~tripost_ray.generation.GenerationEngine`, testable without Ray.
+
+Greedy decoding shows only the feedback the model ranks first. :func:`all_correct_logprob`
+reads the probability behind it: how likely the model is to call each attempt correct.
+Sampled at temperature 1, the model flags a wrong attempt with at most ``1 - p``, and how
+well ``p`` ranks gold attempts above wrong ones (:func:`signal_metrics`) says whether the
+model holds any verification signal that sampling or a threshold could use.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from tripost_ray.editing import all_correct_text
 from tripost_ray.generation import GenerationEngine, SamplingParams
 from tripost_ray.tasks.base import Problem, Task
-from tripost_ray.trajectory import FEEDBACK_TAG, Feedback, parse_feedback, parse_model_output
+from tripost_ray.trajectory import FEEDBACK_TAG, Feedback, parse_attempt, parse_feedback, parse_model_output
 
 Verdict = Literal["right_step", "wrong_step", "missed", "accepted", "false_alarm", "malformed"]
 WRONG_VERDICTS: tuple[Verdict, ...] = ("right_step", "wrong_step", "missed", "malformed")
@@ -130,3 +138,54 @@ def format_probe(metrics: dict[str, Any]) -> str:
                      f"malformed {pct(w['malformed'])}; {g['n']} gold: accepted {pct(g['accepted'])}, "
                      f"false alarm {pct(g['false_alarm'])}, malformed {pct(g['malformed'])}")
     return "\n".join(lines)
+
+
+def all_correct_logprob(model, tokenizer, task: Task, items: list[ProbeItem]) -> list[float]:
+    """Per item, the log-probability that the model's feedback line on it begins with the
+    all-correct sentence naming the attempt's last step (teacher-forced; the sentence the
+    scripted verifier writes for a right attempt of that shape). Its exponential is a lower
+    bound on the probability of calling the attempt correct: a sentence naming another last step also
+    parses as all-correct. ``model`` and ``tokenizer`` are a Hugging Face causal LM and its
+    tokenizer; one forward pass per item, in the order of ``items``.
+    """
+    import torch
+
+    space = FEEDBACK_TAG[len(FEEDBACK_TAG.rstrip()):]  # the sentence's first token carries the tag's space
+    device = next(model.parameters()).device
+    logprobs = []
+    for it in items:
+        prompt = probe_prompt(task, it)
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        ids = tokenizer(prompt + space + all_correct_text(parse_attempt(it.attempt)))["input_ids"]
+        if ids[:len(prompt_ids)] != prompt_ids or len(ids) == len(prompt_ids):
+            raise ValueError(f"problem {it.problem.id}: the tokenizer does not split the feedback sentence from "
+                             "the prompt at the feedback tag, so its probability cannot be read off")
+        with torch.inference_mode():
+            logits = model(torch.tensor([ids], device=device)).logits[0, len(prompt_ids) - 1:-1].float()
+        targets = torch.tensor(ids[len(prompt_ids):], device=device)
+        logprobs.append(float(torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).sum()))
+    return logprobs
+
+
+def auroc(positives: list[float], negatives: list[float]) -> float | None:
+    """The probability that a positive scores above a negative (ties count half): 0.5 is no
+    signal, 1.0 a perfect threshold. None when either side is empty."""
+    if not positives or not negatives:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+    return wins / (len(positives) * len(negatives))
+
+
+def signal_metrics(items: list[ProbeItem], logprob_correct: list[float]) -> dict[str, Any]:
+    """Per split, from :func:`all_correct_logprob`: the mean probability of calling the
+    model's own wrong attempts and the gold attempts correct, and the AUROC of ranking gold
+    above wrong by it: ``{"seen": {"wrong": {"n", "mean_p_correct"}, "gold": {...}, "auroc"},
+    "unseen": {...}}``."""
+    out: dict[str, Any] = {}
+    for split in ("seen", "unseen"):
+        side = {kind: [lp for it, lp in zip(items, logprob_correct) if it.split == split and it.kind == kind]
+                for kind in ("wrong", "gold")}
+        out[split] = {kind: {"n": len(lps), "mean_p_correct": sum(map(math.exp, lps)) / len(lps) if lps else None}
+                      for kind, lps in side.items()}
+        out[split]["auroc"] = auroc(side["gold"], side["wrong"])
+    return out
