@@ -56,13 +56,12 @@ def run_signal(run: str) -> list[dict]:
     from tripost_ray.config import load_config
     from tripost_ray.rollout import read_rollouts
     from tripost_ray.specs import JobSpecs
-    from tripost_ray.storage import read_table
-    from tripost_ray.tasks import Problem
+    from tripost_ray.tasks.datasets import read_problems
     from tripost_ray.verification import all_correct_logprob, probe_items, signal_metrics
 
     cfg = load_config(os.path.join(run, "config.yaml"))
     task = JobSpecs(cfg).task.build()
-    test = [Problem.from_dict(r) for r in read_table(os.path.join(run, "problems", "test.parquet"))]
+    test = read_problems(os.path.join(run, "problems"), "test")
     models = iteration_models(run)
     if not models:
         raise SystemExit(f"no evaluated iteration under {run}")

@@ -10,6 +10,7 @@ import fsspec
 import pytest
 
 from tripost_ray.tasks import TASKS, ProblemFormatError, get_task, load_problems
+from tripost_ray.tasks.datasets import Problems, read_problems
 from tripost_ray.tasks.word_sorting import QUESTION_PREFIX
 
 WS = get_task("word_sorting")
@@ -164,6 +165,17 @@ def test_duplicate_ids_are_an_error(tmp_path):
 
 
 # --------------------------------------------------------------------- registry
+
+
+def test_a_jobs_problem_splits_round_trip_through_storage():
+    """The problems stage writes its splits once; later stages and offline analyses read
+    them back whole, or one split alone."""
+    problems = Problems(train=ARITH.generate(3, "train", seed=1), sft=ARITH.generate(5, "train", seed=1),
+                        test=ARITH.generate(2, "test_seen", seed=1) + ARITH.generate(2, "test_unseen", seed=1))
+    url = f"memory://problems-{uuid.uuid4().hex}"
+    assert problems.write(url) == {"train": 3, "sft": 5, "test": 4}
+    assert Problems.read(url) == problems
+    assert [p.split for p in read_problems(url, "test")] == ["test_seen"] * 2 + ["test_unseen"] * 2
 
 
 def test_get_task_known_and_unknown():

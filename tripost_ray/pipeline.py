@@ -38,7 +38,6 @@ from tripost_ray.ray_setup import init_ray
 from tripost_ray.specs import (EditingOutput, EvalOutput, JobSpecs, ModelInitOutput, PostprocessOutput,
                                ProblemsOutput, RolloutOutput, StageOutput, StageSpec, TaskSpec, TrainOutput)
 from tripost_ray.stages import Run, StageNotRun
-from tripost_ray.tasks import Problem
 from tripost_ray.tasks.datasets import Problems, gold_rows_for_tokens, gold_sft_examples, make_problems, tokenizer_corpus
 
 log = logging.getLogger("tripost")
@@ -80,15 +79,10 @@ class Job:
         spec = self.specs.problems()
 
         def body(url: str) -> ProblemsOutput:
-            probs = make_problems(self.task, spec.task, spec.n_sft)
-            for split_name in ("train", "sft", "test"):
-                storage.write_table(storage.join(url, f"{split_name}.parquet"), [p.to_dict() for p in getattr(probs, split_name)])
-            return ProblemsOutput(counts={k: len(getattr(probs, k)) for k in ("train", "sft", "test")})
+            return ProblemsOutput(counts=make_problems(self.task, spec.task, spec.n_sft).write(url))
 
         self._stage("problems", spec, body, ProblemsOutput)
-        url = self.run.url("problems")
-        load = lambda name: [Problem.from_dict(r) for r in storage.read_table(storage.join(url, f"{name}.parquet"))]
-        return Problems(train=load("train"), sft=load("sft"), test=load("test"))
+        return Problems.read(self.run.url("problems"))
 
     def initial_model(self, probs: Problems) -> str:
         from tripost_ray.models import prepare_model

@@ -7,8 +7,9 @@ benchmarks build the same data without running a job.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
+from tripost_ray import storage
 from tripost_ray.config import TaskConfig
 from tripost_ray.tasks.base import Problem, Task, load_problems
 from tripost_ray.trajectory import TrainingExample, Turn, render_trajectory
@@ -21,6 +22,27 @@ class Problems:
     train: list[Problem]
     sft: list[Problem]
     test: list[Problem]
+
+    def write(self, url: str) -> dict[str, int]:
+        """Write each split to ``<url>/<split>.parquet`` (the problems stage's output);
+        returns the count per split."""
+        counts = {}
+        for split in fields(self):
+            problems = getattr(self, split.name)
+            storage.write_table(storage.join(url, f"{split.name}.parquet"), [p.to_dict() for p in problems])
+            counts[split.name] = len(problems)
+        return counts
+
+    @classmethod
+    def read(cls, url: str) -> "Problems":
+        """All splits written by :meth:`write`."""
+        return cls(**{split.name: read_problems(url, split.name) for split in fields(cls)})
+
+
+def read_problems(url: str, split: str) -> list[Problem]:
+    """One split written by :meth:`Problems.write`, e.g. the test problems an offline
+    analysis of a finished run needs, without loading the SFT pool."""
+    return [Problem.from_dict(r) for r in storage.read_table(storage.join(url, f"{split}.parquet"))]
 
 
 def make_problems(task: Task, cfg: TaskConfig, n_sft: int) -> Problems:
