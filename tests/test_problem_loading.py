@@ -164,9 +164,6 @@ def test_duplicate_ids_are_an_error(tmp_path):
         load_problems(WS, str(path))
 
 
-# --------------------------------------------------------------------- registry
-
-
 def test_a_jobs_problem_splits_round_trip_through_storage():
     """The problems stage writes its splits once; later stages and offline analyses read
     them back whole, or one split alone."""
@@ -176,6 +173,9 @@ def test_a_jobs_problem_splits_round_trip_through_storage():
     assert problems.write(url) == {"train": 3, "sft": 5, "test": 4}
     assert Problems.read(url) == problems
     assert [p.split for p in read_problems(url, "test")] == ["test_seen"] * 2 + ["test_unseen"] * 2
+
+
+# --------------------------------------------------------------------- registry
 
 
 def test_get_task_known_and_unknown():
