@@ -127,6 +127,28 @@ def test_reduced_quickstart_end_to_end_then_resumes_without_work(sft_model_dir, 
     assert sorted((m.step, m.value) for m in resumed["accuracy"]) == accuracy and len(resumed["loss"]) == steps
 
 
+def test_the_verification_signal_script_scores_every_evaluated_iteration_of_a_finished_run(e2e_run, tmp_path):
+    """``benchmarks/verification_signal.py`` on the reduced quickstart's run (a copy, so the
+    module's run folder stays as the job left it): one row per evaluated iteration, each
+    scored on the same probe items the evaluation's greedy probe judged."""
+    import importlib.util
+    import shutil
+
+    run = tmp_path / "e2e"
+    shutil.copytree(e2e_run[0], run)
+    spec = importlib.util.spec_from_file_location("verification_signal", ROOT / "benchmarks" / "verification_signal.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = script.run_signal(str(run))
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert json.loads((run / "verification_signal.json").read_text()) == rows
+    for row in rows:
+        for split in ("seen", "unseen"):
+            signal, greedy = row["signal"][split], row["greedy"][split]
+            assert signal["wrong"]["n"] == greedy["wrong"]["n"] and signal["gold"]["n"] == greedy["gold"]["n"] > 0
+            assert 0.0 <= signal["gold"]["mean_p_correct"] <= 1.0
+
+
 def test_the_model_server_serves_the_runs_last_model_end_to_end(e2e_run, serve_port):
     """``tripost serve model <run folder>`` on the reduced quickstart's run: with the run's own
     config, the app loads iteration 2's model and answers through the openai SDK, whole and
