@@ -69,6 +69,7 @@ def test_reproduction_config_is_labelled_and_sized_for_8_gpus(path: Path):
 
     plan = {row["stage"].split(" ")[0]: row for row in resource_plan(cfg)}
     assert plan["training"]["actors"] * plan["training"]["gpus_each"] == 8
+    assert plan["rollouts"]["memory_gib_each"] == 0  # vLLM's KV cache is in GPU memory there
     est = llm_call_estimate(cfg)
     assert "imp_price" not in est, est  # the IMP model has a price, so the budget is enforceable
     assert est["imp_calls_max"] > 0 and est["fbk_calls_max"] > 0

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tripost_ray.config import RolloutConfig
-from tripost_ray.rollout import ROLLOUT_SCHEMA, RolloutError, read_rollouts, run_rollouts
+from tripost_ray.config import RolloutConfig, build_config
+from tripost_ray.plan import resource_plan
+from tripost_ray.rollout import ROLLOUT_SCHEMA, RolloutError, actor_resources, read_rollouts, run_rollouts
 from tripost_ray.specs import GenerationSpec, TaskSpec
 from tripost_ray.tasks import get_task
 
@@ -29,6 +30,21 @@ def _cfg(**kw) -> RolloutConfig:
 
 def _spec(cfg: RolloutConfig, *, self_improve: bool, temperature: float, seed: int) -> GenerationSpec:
     return GenerationSpec.build(cfg, TaskSpec(name=TASK), self_improve=self_improve, temperature=temperature, seed=seed)
+
+
+def test_a_vllm_actor_on_cpu_reserves_its_kv_cache_as_ray_memory():
+    def resources(engine: str, **kw) -> dict:
+        spec = _spec(_cfg(**kw), self_improve=False, temperature=0.0, seed=0).model_copy(update={"engine": engine})
+        return actor_resources(spec)
+
+    on_cpu = resources("vllm", vllm_cpu_kv_cache_gib=3, resources_per_actor={"rollout": 1.0})
+    assert on_cpu == {"num_cpus": 0.5, "num_gpus": None, "memory": 3 * 2**30, "resources": {"rollout": 1.0}}
+    assert resources("hf", vllm_cpu_kv_cache_gib=3)["memory"] is None  # HF allocates as it goes
+    on_gpu = resources("vllm", vllm_cpu_kv_cache_gib=3, num_gpus_per_actor=1.0)
+    assert on_gpu["num_gpus"] == 1.0 and on_gpu["memory"] is None  # the cache lives in the GPU's memory
+    # and `tripost run --dry-run` shows the reservation
+    plan = resource_plan(build_config({"rollout": {"engine": "vllm", "vllm_cpu_kv_cache_gib": 3}}))
+    assert plan[0]["stage"].startswith("rollouts") and plan[0]["memory_gib_each"] == 3
 
 
 def test_rollouts_write_every_problem_exactly_once(ray_cluster, tiny_model_dir, problems, tmp_path):

@@ -130,7 +130,7 @@ class RolloutConfig(Section):
         "batch); fails if they are not up in this time. 0: start with whatever is ready.")
     resources_per_actor: dict[str, float] = Field(
         default_factory=dict, description="Extra Ray resources each generator actor needs (e.g. to pin a node type).")
-    vllm_cpu_kv_cache_gib: int = Field(1, ge=1, description="vllm on CPU: KV cache per actor, GiB.")
+    vllm_cpu_kv_cache_gib: int = Field(1, ge=1, description="vllm on CPU: KV cache per actor, GiB (reserved as Ray memory for the actor).")
     vllm_gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="vllm on GPU: share of the GPU's memory an actor's engine takes "
         "(lower it when num_gpus_per_actor < 1 puts several actors on one GPU).")

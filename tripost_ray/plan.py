@@ -10,11 +10,16 @@ from tripost_ray.config import JobConfig, ProviderConfig
 
 
 def resource_plan(cfg: JobConfig) -> list[dict]:
-    """Actors, GPUs and CPUs each stage asks of the cluster."""
+    """Actors, GPUs and CPUs (and memory, where reserved) each stage asks of the cluster."""
+    from tripost_ray.rollout import actor_resources
+    from tripost_ray.specs import JobSpecs
+
     r, e, t = cfg.rollout, cfg.editing, cfg.train
+    rollout_memory = actor_resources(JobSpecs(cfg).rollouts(1, 0))["memory"] or 0
     return [
         {"stage": "rollouts / eval (Ray Data actor pool)", "actors": f"{r.min_actors}-{r.max_actors}",
-         "gpus_each": r.num_gpus_per_actor, "cpus_each": r.num_cpus_per_actor},
+         "gpus_each": r.num_gpus_per_actor, "cpus_each": r.num_cpus_per_actor,
+         "memory_gib_each": rollout_memory / 2**30},
         {"stage": "editing (async FBK/IMP pool)", "actors": e.num_actors, "gpus_each": 0,
          "cpus_each": e.num_cpus_per_actor, "in_flight": e.num_actors * e.concurrency_per_actor},
         {"stage": "training (Ray Train + DeepSpeed ZeRO-%d)" % t.zero_stage, "actors": t.num_workers,

@@ -239,11 +239,24 @@ def run_rollouts(problems: list[Problem], model_path: str, spec: GenerationSpec,
     return _summary(rows, len(items), wall, output_uri)
 
 
+def actor_resources(spec: GenerationSpec) -> dict:
+    """What Ray reserves for each generator actor. vLLM on CPU allocates its whole KV cache
+    in host memory when it starts, so that memory is reserved too: otherwise Ray packs more
+    engines onto a node than its memory holds, and they die out of memory instead of waiting
+    for room. (On GPU the cache lives in the GPU's memory, which ``num_gpus`` already claims.)"""
+    pool = spec.pool
+    use_gpu = pool.num_gpus_per_actor > 0
+    kv_cache_on_host = spec.engine == "vllm" and not use_gpu
+    return {"num_cpus": pool.num_cpus_per_actor,
+            "num_gpus": pool.num_gpus_per_actor if use_gpu else None,
+            "memory": pool.vllm_cpu_kv_cache_gib * 2**30 if kv_cache_on_host else None,
+            "resources": dict(pool.resources_per_actor) or None}
+
+
 def _map_generators(ds, spec: GenerationSpec, model_path: str, fault_marker: str | None):
     import ray
 
     pool = spec.pool
-    use_gpu = pool.num_gpus_per_actor > 0
     with warnings.catch_warnings():
         # Ray 2.60 deprecates **ray_remote_args but has no named parameter for actor restarts
         # yet; its default is unlimited restarts, which turns a crash loop into a hang.
@@ -255,9 +268,7 @@ def _map_generators(ds, spec: GenerationSpec, model_path: str, fault_marker: str
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors,
                                                max_tasks_in_flight_per_actor=pool.max_tasks_in_flight_per_actor),
-            num_gpus=pool.num_gpus_per_actor if use_gpu else None,
-            num_cpus=pool.num_cpus_per_actor,
-            resources=dict(pool.resources_per_actor) or None,
+            **actor_resources(spec),
             max_restarts=pool.max_actor_restarts,
             max_task_retries=pool.max_actor_restarts,
         )
