@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from tripost_ray.config import RayConfig
+from tripost_ray.ray_setup import init_ray  # bound here: test_preflight trips its module's name
+
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Serve's proxy must be ready within 5 s by default, which a busy 2-core box misses.
@@ -66,18 +69,12 @@ def without_s3fs(monkeypatch):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real local Ray, started once per test session (no dashboard, 4 logical CPUs
-    so fractional actors, tasks and trainers fit on a 2-core machine)."""
+    """A real local Ray, started once per test session the way every entry point starts
+    one (:func:`init_ray`), with 4 logical CPUs so fractional actors, tasks and trainers
+    fit on a 2-core machine."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.execution_no_progress_timeout_s = 300
+    init_ray(RayConfig(num_cpus=4, log_to_driver=False, no_progress_timeout_s=300))
     yield ray
     # left running until the session ends: ray shuts down atexit
 
