@@ -29,14 +29,14 @@ import os
 import re
 
 from tripost_ray.stages import MANIFEST
+from tripost_ray.storage import read_json
 
 
 def iteration_models(run: str) -> dict[int, str]:
     """Each evaluated iteration of ``run`` and the model it evaluated: iteration 0 is the
     warm-up's model (or the initial one), iteration t the model ``iter_<t>/train`` left."""
     def model_of(stage: str) -> str:
-        with open(os.path.join(run, stage, MANIFEST)) as f:
-            return json.load(f)["model"]
+        return read_json(os.path.join(run, stage, MANIFEST))["model"]
 
     models = {}
     for path in glob.glob(os.path.join(run, "iter_*", "eval", MANIFEST)):
@@ -71,8 +71,7 @@ def run_signal(run: str) -> list[dict]:
         items = probe_items(task, test, outputs, cfg.eval.verification_per_split)
         model = AutoModelForCausalLM.from_pretrained(model_path).eval()
         signal = signal_metrics(items, all_correct_logprob(model, AutoTokenizer.from_pretrained(model_path), task, items))
-        with open(os.path.join(run, f"iter_{t}", "eval", MANIFEST)) as f:
-            greedy = json.load(f)["metrics"].get("verification")
+        greedy = read_json(os.path.join(run, f"iter_{t}", "eval", MANIFEST))["metrics"].get("verification")
         rows.append({"iteration": t, "signal": signal, "greedy": greedy})
         for split in ("seen", "unseen"):
             s = signal[split]
